@@ -1,0 +1,136 @@
+"""`pretrain` stage kind: one pretraining phase on Megatron-core.
+
+A phase trains ``tokens`` tokens on a weighted blend of the tokenized sources (``mixture``) with its
+own LR schedule. With ``from`` it continues from the parent phase's final checkpoint, weights and
+optimizer state both; without it the model starts from a seeded random init. Checkpoints go to
+``<out_dir>/checkpoints/iter_XXXXXXX`` every ``checkpoint_interval`` steps and at the end; a rerun
+of an unfinished phase resumes from the newest complete one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from stages.base import Artifact, RunContext, StageInput, StageKind
+from stages.schema import ConfigError, param, setting
+from stages.training.specs import ModelSpec, PrecisionSpec, ScheduleSpec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    from_: str | None = param(None, "parent pretrain stage to continue from (weights + optimizer)")
+    data: str = param(doc="the `tokenize` stage whose sources this phase blends")
+    model: ModelSpec = param(doc="model shape (the `model` config group)")
+    tokens: int = param(doc="tokens trained in this phase")
+    seq_length: int = param(doc="tokens per sequence")
+    global_batch_size: int = param(doc="sequences per optimizer step (all data-parallel ranks)")
+    mixture: dict[str, float] = param(doc="source name -> weight (normalised)")
+    schedule: ScheduleSpec = param(doc="LR schedule of this phase")
+    precision: PrecisionSpec = param(factory=PrecisionSpec, doc="dtype / FP8 recipe")
+    weight_decay: float = param(0.1, "AdamW weight decay")
+    adam_beta1: float = param(0.9, "AdamW beta1")
+    adam_beta2: float = param(0.95, "AdamW beta2")
+    adam_eps: float = param(1e-8, "AdamW epsilon")
+    grad_clip: float = param(1.0, "gradient-norm clip (0 = off)")
+    seed: int = param(1234, "init / data-order seed")
+    micro_batch_size: int = setting(0, "sequences per forward pass per rank (0 = whole local batch)")
+    checkpoint_interval: int = setting(50, "save every N steps (and always at the end)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept while training")
+    log_interval: int = setting(10, "print progress every N steps")
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise ConfigError(f"tokens: must be > 0, got {self.tokens}")
+        if self.seq_length <= 0 or self.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(f"seq_length: {self.seq_length} must be in 1..model.max_position_embeddings "
+                              f"({self.model.max_position_embeddings})")
+        if self.global_batch_size <= 0:
+            raise ConfigError(f"global_batch_size: must be > 0, got {self.global_batch_size}")
+        if not self.mixture:
+            raise ConfigError("mixture: is empty; give at least one source with a positive weight, "
+                              "e.g. mixture: {web: 1.0}")
+        for src, w in self.mixture.items():
+            if w < 0:
+                raise ConfigError(f"mixture.{src}: weight {w} is negative; weights must be >= 0")
+        if sum(self.mixture.values()) <= 0:
+            raise ConfigError("mixture: all weights are zero; give at least one positive weight")
+        if self.steps < 1:
+            raise ConfigError(f"tokens: {self.tokens} is less than one step "
+                              f"({self.global_batch_size} x {self.seq_length} tokens)")
+        if self.checkpoint_interval < 0:
+            raise ConfigError("checkpoint_interval: must be >= 0")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // (self.global_batch_size * self.seq_length)
+
+
+class Pretrain(StageKind):
+    name = "pretrain"
+    Config = PretrainConfig
+    parent_fields = ("from_", "data")
+    launcher = "torchrun"
+
+    @classmethod
+    def check(cls, config: PretrainConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
+        from stages.data_kinds import TokenizeConfig
+        tok = configs[config.data]
+        if not isinstance(tok, TokenizeConfig):
+            raise ConfigError(f"stages.{stage}.data: {config.data!r} is not a tokenize stage")
+        known = sorted(configs[tok.data].sources)
+        for src in config.mixture:
+            if src not in known:
+                raise ConfigError(f"stages.{stage}.mixture.{src}: no such source in stage "
+                                  f"{tok.data!r}; known sources: {', '.join(known)}")
+        if config.from_ is not None:
+            parent = configs[config.from_]
+            if not isinstance(parent, PretrainConfig):
+                raise ConfigError(f"stages.{stage}.from: {config.from_!r} is not a pretrain stage")
+            if identity(parent.model) != identity(config.model):
+                raise ConfigError(f"stages.{stage}.model: differs from parent {config.from_!r}'s model; "
+                                  "a phase continues the same model shape")
+        vocab = configs[tok.tokenizer].vocab_size
+        if vocab > config.model.vocab_size:
+            raise ConfigError(f"stages.{stage}.model.vocab_size: {config.model.vocab_size} is smaller "
+                              f"than stage {tok.tokenizer!r}'s vocab_size ({vocab}); raise it")
+        cluster.check_model(config.model, f"stages.{stage}.model")
+        gbs, dp = config.global_batch_size, cluster.data_parallel
+        if gbs % dp:
+            raise ConfigError(f"stages.{stage}.global_batch_size: {gbs} is not divisible by "
+                              f"cluster.data_parallel={dp}")
+        check_precision(config.precision, cluster, f"stages.{stage}.precision")
+
+    @classmethod
+    def tokens(cls, config: PretrainConfig) -> int:
+        return config.tokens
+
+    @classmethod
+    def run(cls, config: PretrainConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        from stages.training.loop import train_phase  # heavy: torch + megatron
+        return train_phase(config, inputs, out_dir, ctx)
+
+
+def identity(obj: Any) -> Any:
+    from stages.schema import identity_dict
+    return identity_dict(obj)
+
+
+def check_precision(precision: PrecisionSpec, cluster: Any, where: str) -> None:
+    """FP8 and bf16-on-GPU need CUDA (and Transformer Engine for FP8): fail before any compute."""
+    if precision.fp8 == "none":
+        return
+    if cluster.device != "cuda":
+        raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) needs a GPU with Transformer Engine, but "
+                          f"cluster.device is {cluster.device!r}; set {where}.fp8=none or use a GPU "
+                          "cluster config (cluster=gpu-node)")
+    import torch
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) asked for, but no GPU is visible on this "
+                          f"machine; set {where}.fp8=none or run on a GPU node")
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from missing CUDA libraries
+        raise ConfigError(f"{where}.fp8: Transformer Engine cannot be imported ({e}); install the "
+                          "GPU extra (pip install 'granite-forge[gpu]') or set fp8=none") from e

@@ -1,0 +1,129 @@
+"""Light-weight schemas shared by the training stage kinds (no torch import here).
+
+``ModelSpec`` is a Granite-shaped dense decoder (GQA, RoPE, SwiGLU, RMSNorm, tied embeddings);
+``ParallelSpec`` comes from the cluster config; ``ScheduleSpec`` names one of the LR schedules of
+the recipe; ``PrecisionSpec`` chooses bf16/fp32 or an FP8 recipe (GPU only).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from stages.schema import ConfigError, param, setting
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str = setting("custom", "preset name, for display only")
+    hidden_size: int = param(doc="model width")
+    num_layers: int = param(doc="transformer blocks")
+    num_attention_heads: int = param(doc="query heads")
+    num_query_groups: int = param(doc="KV heads (GQA groups)")
+    kv_channels: int = param(doc="head dimension")
+    ffn_hidden_size: int = param(doc="SwiGLU inner width")
+    vocab_size: int = param(doc="tokenizer vocabulary (padded for TP inside the model)")
+    max_position_embeddings: int = param(4096, "longest sequence the model is built for")
+    rope_theta: float = param(10000.0, "RoPE base")
+    layernorm_epsilon: float = param(1e-5, "RMSNorm epsilon")
+    tied_embeddings: bool = param(True, "share input and output embeddings")
+    init_std: float = param(0.02, "weight init std")
+    # Granite's scaling multipliers; 1.0 each means a plain decoder (what Megatron computes).
+    embedding_multiplier: float = param(1.0, "Granite embedding multiplier")
+    residual_multiplier: float = param(1.0, "Granite residual multiplier")
+    logits_scaling: float = param(1.0, "Granite logits scaling")
+
+    def __post_init__(self) -> None:
+        for f in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"model.{f}: must be positive, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_query_groups: {self.num_query_groups} does not divide "
+                f"num_attention_heads={self.num_attention_heads}; pick a divisor")
+        if (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0):
+            raise ConfigError("model.embedding_multiplier/residual_multiplier/logits_scaling: only 1.0 "
+                              "is supported by the Megatron-core model (a plain decoder); set them to 1.0")
+
+    def num_parameters(self) -> int:
+        """Parameter count (tied embeddings counted once, norms included)."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        per_layer = h * (q + kv) + q * h + 3 * h * f + 2 * h
+        emb = v * h * (1 if self.tied_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelSpec:
+    tensor_parallel: int = setting(1, "TP size (does not change the math, only the layout)")
+    pipeline_parallel: int = setting(1, "PP size")
+    data_parallel: int = setting(1, "DP size")
+    context_parallel: int = setting(1, "CP size")
+    device: Literal["cpu", "cuda"] = setting("cpu", "cpu trains through gloo, cuda through NCCL")
+    launcher: Literal["torchrun"] = setting("torchrun", "how stage workers start")
+    threads_per_worker: int = setting(1, "OMP threads per worker process")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel * self.context_parallel
+
+    def __post_init__(self) -> None:
+        for f in ("tensor_parallel", "pipeline_parallel", "data_parallel", "context_parallel",
+                  "threads_per_worker"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"cluster.{f}: must be >= 1, got {getattr(self, f)}")
+
+    def check_model(self, model: ModelSpec, where: str) -> None:
+        tp = self.tensor_parallel
+        if model.num_attention_heads % tp or model.num_query_groups % tp:
+            ok = [d for d in range(1, model.num_query_groups + 1)
+                  if model.num_query_groups % d == 0 and model.num_attention_heads % d == 0]
+            raise ConfigError(
+                f"cluster.tensor_parallel: {tp} does not divide {where} heads "
+                f"({model.num_attention_heads} query / {model.num_query_groups} KV); "
+                f"use one of {ok}")
+        if model.num_layers % self.pipeline_parallel:
+            raise ConfigError(f"cluster.pipeline_parallel: {self.pipeline_parallel} does not divide "
+                              f"{where} num_layers={model.num_layers}")
+        if self.pipeline_parallel > 1:
+            raise ConfigError("cluster.pipeline_parallel: pipeline parallelism is not built yet "
+                              "(issue 4); set it to 1")
+        if self.context_parallel > 1:
+            raise ConfigError("cluster.context_parallel: context parallelism is built with "
+                              "extend_context (issue 3); set it to 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScheduleSpec:
+    """LR schedule of one phase. ``step`` counts optimizer steps inside the phase."""
+    kind: Literal["power", "wsd", "exponential", "linear", "constant"] = param(doc="schedule")
+    lr: float = param(doc="peak learning rate")
+    min_lr: float = param(0.0, "floor (wsd/exponential)")
+    warmup_steps: int = param(0, "linear warm-up steps from 0")
+    # Power scheduler (IBM, Shen et al. 2024): lr = min(lr, a * tokens^b), tokens counted over all phases.
+    power_a: float = param(4.0, "power: coefficient a")
+    power_b: float = param(-0.51, "power: exponent b")
+    decay_fraction: float = param(0.0, "power/wsd: final fraction of steps that decays to min_lr")
+    gamma: float = param(0.1, "exponential: lr ends at lr * gamma")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"schedule.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"schedule.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"schedule.gamma: must be in (0, 1], got {self.gamma}")
+
+
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionSpec:
+    dtype: Literal["fp32", "bf16"] = param("fp32", "parameter/compute dtype")
+    fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = param(
+        "none", "FP8 recipe through Transformer Engine (GPU only)")

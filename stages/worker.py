@@ -1,0 +1,47 @@
+"""Stage worker entry point: ``python -m stages.worker SPEC.json`` (or under ``torchrun -m``).
+
+The orchestrator writes one resolved spec file per stage run; the worker rebuilds the typed
+config, runs the stage kind, and (rank 0 only) writes ``artifact.json`` last. It never imports the
+orchestrator (Prefect, Hydra, MLflow).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from stages import KINDS
+from stages.base import Artifact, RunContext, StageInput, write_artifact
+from stages.schema import from_dict
+from stages.training.specs import ParallelSpec
+
+
+def load_spec(path: Path) -> tuple:
+    spec = json.loads(Path(path).read_text())
+    kind = KINDS[spec["kind"]]
+    config = from_dict(kind.Config, spec["config"], f"stages.{spec['stage']}")
+    inputs = {name: StageInput(name, Path(v["out_dir"]), Artifact(**v["artifact"]))
+              for name, v in spec["inputs"].items()}
+    cluster = from_dict(ParallelSpec, spec.get("cluster", {}), "cluster")
+    ctx = RunContext(stage=spec["stage"], key=spec["key"], cluster=cluster, seed=spec.get("seed", 1234))
+    return kind, config, inputs, Path(spec["out_dir"]), ctx
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m stages.worker SPEC.json", file=sys.stderr)
+        return 2
+    kind, config, inputs, out_dir, ctx = load_spec(Path(argv[0]))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        (out_dir / "worker.pid").write_text(str(os.getpid()))
+    artifact = kind.run(config, inputs, out_dir, ctx)
+    if rank == 0:
+        write_artifact(out_dir, artifact)
+        print(f"[{ctx.stage}] done: {out_dir / 'artifact.json'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
