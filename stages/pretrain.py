@@ -118,13 +118,17 @@ def identity(obj: Any) -> Any:
 
 
 def check_precision(precision: PrecisionSpec, cluster: Any, where: str) -> None:
-    """FP8 and bf16-on-GPU need CUDA (and Transformer Engine for FP8): fail before any compute."""
-    if precision.fp8 == "none":
-        return
-    if cluster.device != "cuda":
+    """Static check (also valid when planning a GPU cluster from a laptop)."""
+    if precision.fp8 != "none" and cluster.device != "cuda":
         raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) needs a GPU with Transformer Engine, but "
                           f"cluster.device is {cluster.device!r}; set {where}.fp8=none or use a GPU "
                           "cluster config (cluster=gpu-node)")
+
+
+def require_fp8_runtime(precision: PrecisionSpec, where: str) -> None:
+    """Before a run: FP8 needs a visible GPU and an importable Transformer Engine."""
+    if precision.fp8 == "none":
+        return
     import torch
     if not torch.cuda.is_available():
         raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) asked for, but no GPU is visible on this "

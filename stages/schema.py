@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import re
 import types
 import typing
 from typing import Any
@@ -102,10 +103,13 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
         kwargs[name] = _coerce(hints[name], data[name], path)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        # __post_init__ messages start with the field's relative path ("lr: must be > 0")
+        msg = str(e)
+        head = msg.split(":", 1)[0]
+        if re.fullmatch(r"[A-Za-z_][\w./-]*", head) and ":" in msg:
+            raise ConfigError(f"{where}.{msg}") from e
+        raise ConfigError(f"{where}: {msg}") from e
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

@@ -36,13 +36,13 @@ class ModelSpec:
         for f in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                   "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, f) <= 0:
-                raise ConfigError(f"model.{f}: must be positive, got {getattr(self, f)}")
+                raise ConfigError(f"{f}: must be positive, got {getattr(self, f)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
-                f"model.num_query_groups: {self.num_query_groups} does not divide "
+                f"num_query_groups: {self.num_query_groups} does not divide "
                 f"num_attention_heads={self.num_attention_heads}; pick a divisor")
         if (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0):
-            raise ConfigError("model.embedding_multiplier/residual_multiplier/logits_scaling: only 1.0 "
+            raise ConfigError("embedding_multiplier: only 1.0 "
                               "is supported by the Megatron-core model (a plain decoder); set them to 1.0")
 
     def num_parameters(self) -> int:
@@ -73,7 +73,7 @@ class ParallelSpec:
         for f in ("tensor_parallel", "pipeline_parallel", "data_parallel", "context_parallel",
                   "threads_per_worker"):
             if getattr(self, f) < 1:
-                raise ConfigError(f"cluster.{f}: must be >= 1, got {getattr(self, f)}")
+                raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
 
     def check_model(self, model: ModelSpec, where: str) -> None:
         tp = self.tensor_parallel
@@ -110,13 +110,13 @@ class ScheduleSpec:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ConfigError(f"schedule.lr: must be > 0, got {self.lr}")
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ConfigError(f"schedule.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+            raise ConfigError(f"decay_fraction: must be in [0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"schedule.gamma: must be in (0, 1], got {self.gamma}")
+            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
 
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")

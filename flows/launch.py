@@ -1,0 +1,97 @@
+"""Start a stage worker process, stream its output, and hold the stage's lock meanwhile.
+
+Training kinds start under ``torchrun`` (one process per rank, gloo on CPU); the others as plain
+``python -m stages.worker``. The worker is its own process group, so the orchestrator survives a
+worker crash and a test can kill the worker. Output goes line by line to ``worker.log`` in the
+output dir and to the ``log`` callback (Prefect's run logger).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator
+
+from stages.training.specs import ParallelSpec
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int, tail: list[str], log_path: Path):
+        self.stage, self.code, self.tail = stage, code, tail
+        super().__init__(f"stage {stage} failed: worker exited with code {code}; last lines of "
+                         f"{log_path}:\n" + "\n".join("    " + t for t in tail))
+
+
+@contextlib.contextmanager
+def stage_lock(store: Path, out_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """One process at a time per output dir (two launches never train the same stage at once)."""
+    locks = store / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{out_dir.name}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting: another forge run is working on {out_dir.name}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def worker_command(launcher: str, cluster: ParallelSpec, spec_path: Path) -> list[str]:
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={cluster.world_size}", "--max_restarts=0",
+                "-m", "stages.worker", str(spec_path)]
+    return [sys.executable, "-m", "stages.worker", str(spec_path)]
+
+
+def worker_env(cluster: ParallelSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = str(cluster.threads_per_worker)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RAYON_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
+    if cluster.threads_per_worker > 1:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # spin-waiting threads make 2 threads slower than 1
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out_dir: Path,
+               log: Callable[[str], None]) -> None:
+    """Run one stage worker to completion; raise StageFailed with the log tail on error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    log_path = out_dir / "worker.log"
+    tail: deque[str] = deque(maxlen=20)
+    cmd = worker_command(launcher, cluster, spec_path)
+    with open(log_path, "a") as logfile:
+        logfile.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=worker_env(cluster), start_new_session=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            logfile.write(line + "\n")
+            logfile.flush()
+            tail.append(line)
+            if _worth_showing(line):
+                log(line)
+        code = proc.wait()
+    if code != 0:
+        raise StageFailed(stage, code, list(tail), log_path)
+
+
+def _worth_showing(line: str) -> bool:
+    """Progress and errors go to the console; library chatter stays in worker.log."""
+    return line.startswith("[") or "Error" in line or "error:" in line

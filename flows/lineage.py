@@ -1,0 +1,164 @@
+"""MLflow lineage: one parent run per pipeline run, one child run per executed stage.
+
+A child run carries the stage's resolved config as params, its identity key, parent keys and the
+git commit as tags, its training curve as metrics, every data source it read as a dataset input
+(with digest), the parent stages' models as model inputs, and its own checkpoint as a LoggedModel
+output, by reference (URI + manifest; weights are never uploaded). A stage served from cache is
+recorded on the parent run with a link to the run that produced it. Everything is read from the
+stage's output dir (artifact.json, metrics.jsonl), so MLflow is a view, not the truth.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.base import Artifact
+
+TAG_KEY, TAG_STAGE, TAG_KIND, TAG_PIPELINE = "forge.key", "forge.stage", "forge.kind", "forge.pipeline"
+MODEL_KINDS = {"pretrain", "extend_context", "merge", "sft", "rl"}
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, (list, tuple)) and any(isinstance(v, (dict, list)) for v in data):
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+    return out
+
+
+class Lineage:
+    def __init__(self, uri: str, experiment: str):
+        import mlflow
+        from mlflow import MlflowClient
+        mlflow.set_tracking_uri(uri)
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+    # -- pipeline ---------------------------------------------------------------------------
+    def start_pipeline(self, name: str, resolved: dict, overrides: list[str], flow_run_id: str) -> str:
+        from mlflow.entities import Param, RunTag
+        run = self.client.create_run(self.experiment_id, run_name=f"{name} {time.strftime('%H:%M:%S')}",
+                                     tags={TAG_PIPELINE: name, "forge.role": "pipeline",
+                                           "forge.prefect_flow_run": flow_run_id,
+                                           "mlflow.source.git.commit": git_commit()})
+        rid = run.info.run_id
+        self.client.log_batch(rid, params=[Param("overrides", json.dumps(overrides)[:6000])],
+                              tags=[RunTag("forge.overrides", " ".join(overrides))])
+        self.client.log_dict(rid, resolved, "resolved_config.json")
+        return rid
+
+    def end_pipeline(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def producer(self, key: str) -> tuple[str | None, str | None]:
+        """(run id, model id) of the run that produced the stage with this key, if any."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{key}' and "
+                                       "attributes.status = 'FINISHED'", max_results=1,
+                                       order_by=["attributes.start_time ASC"])
+        models = self.client.search_logged_models([self.experiment_id],
+                                                  filter_string=f"tags.`{TAG_KEY}` = '{key}'",
+                                                  max_results=1)
+        return (runs[0].info.run_id if runs else None), (models[0].model_id if models else None)
+
+    def record_cached(self, parent_run: str, stage: str, key: str) -> str | None:
+        run_id, _ = self.producer(key)
+        self.client.set_tag(parent_run, f"forge.cached.{stage}", run_id or "produced outside MLflow")
+        return run_id
+
+    # -- stages -----------------------------------------------------------------------------
+    def record_stage(self, parent_run: str, pipeline: str, node: Any, config: dict, artifact: Artifact,
+                     parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> str:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
+            "mlflow.parentRunId": parent_run, TAG_KEY: node.key, TAG_STAGE: node.name,
+            TAG_KIND: node.kind, TAG_PIPELINE: pipeline, "forge.out_dir": str(node.out_dir),
+            "forge.parent_keys": json.dumps(parent_keys), "mlflow.source.git.commit": git_commit()})
+        rid = run.info.run_id
+        params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(rid, params=params[i:i + 100])
+        self._log_metrics(rid, node.out_dir / "metrics.jsonl", artifact.metrics)
+
+        datasets = [DatasetInput(Dataset(name=f"{d.get('stage', node.name)}/{d['name']}",
+                                         digest=str(d["digest"])[:36], source_type="local",
+                                         source=json.dumps({"uri": Path(d["path"]).as_uri()})),
+                                 [InputTag("mlflow.data.context", d.get("split", "train"))])
+                    for d in self._input_datasets(node, artifact, upstream)]
+        models = []
+        for p, pkey in parent_keys.items():
+            _, model_id = self.producer(pkey)
+            if model_id is not None:
+                models.append(LoggedModelInput(model_id))
+        if datasets or models:
+            self.client.log_inputs(rid, datasets=datasets or None, models=models or None)
+
+        if node.kind in MODEL_KINDS and "checkpoint" in artifact.outputs:
+            ckpt = node.out_dir / artifact.outputs["checkpoint"]
+            model = self.client.create_logged_model(
+                self.experiment_id, name=node.name, source_run_id=rid, model_type="megatron-dist-checkpoint",
+                tags={TAG_KEY: node.key, TAG_STAGE: node.name, "forge.uri": ckpt.as_uri()},
+                params={k[:250]: v[:6000] for k, v in list(flatten(config).items())[:100]})
+            self.client.log_model_artifact(model.model_id, str(self._manifest(node, ckpt, artifact)))
+            self.client.finalize_logged_model(model.model_id, "READY")
+            self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
+        self.client.log_batch(rid, tags=[RunTag("forge.artifact", str(node.out_dir / "artifact.json"))])
+        self.client.set_terminated(rid, "FINISHED")
+        return rid
+
+    def _log_metrics(self, rid: str, path: Path, final: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k.replace("/", "."), float(v), now, 0) for k, v in final.items()]
+        if path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                ts = int(rec.get("time", time.time()) * 1000)
+                metrics += [Metric(k, float(v), ts, int(rec["step"])) for k, v in rec.items()
+                            if k not in ("step", "time") and isinstance(v, (int, float))]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(rid, metrics=metrics[i:i + 1000])
+
+    @staticmethod
+    def _input_datasets(node: Any, artifact: Artifact, upstream: dict[str, Artifact]) -> list[dict]:
+        """A data stage's own datasets; a training stage's token sources from its `data` parent."""
+        if node.kind not in MODEL_KINDS:
+            return [dict(d, stage=node.name) for d in artifact.datasets]
+        mixture = getattr(node.config, "mixture", None) or {}
+        data_parent = getattr(node.config, "data", None)
+        if data_parent is None or data_parent not in upstream:
+            return []
+        return [dict(d, stage=data_parent) for d in upstream[data_parent].datasets
+                if d["name"] in mixture and d.get("split", "train") == "train"]
+
+    @staticmethod
+    def _manifest(node: Any, ckpt: Path, artifact: Artifact) -> Path:
+        files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+        manifest = {"uri": ckpt.as_uri(), "format": "megatron.core.dist_checkpointing",
+                    "stage": node.name, "key": node.key,
+                    "files": {str(p.relative_to(ckpt)): p.stat().st_size for p in files},
+                    "bytes": sum(p.stat().st_size for p in files), "metrics": artifact.metrics}
+        out = node.out_dir / "model_manifest.json"
+        out.write_text(json.dumps(manifest, indent=2))
+        return out

@@ -1,0 +1,143 @@
+"""The Prefect flow: one task per stage, cached by the stage's key across runs.
+
+The only module that imports Prefect. The flow body reads as plain Python: plan, then for each
+stage either record it as cached or run its task. The task takes the stage's lock, re-checks
+``artifact.json`` (the truth; Prefect's cache is only a fast path above it), launches the worker,
+streams its log, and records the stage in MLflow. Task results are small records, never tensors.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+
+from flows.config import typed
+from flows.dag import Dag, Node, build
+from flows.launch import StageFailed, run_worker, stage_lock
+from flows.lineage import Lineage
+from flows.plan import Step, complete, make_plan, write_stage_record
+from stages.base import ARTIFACT_FILE, read_artifact
+from stages.schema import to_dict
+
+
+def load_run(run_file: str) -> tuple[dict, Dag, list[Step]]:
+    spec = json.loads(Path(run_file).read_text())
+    dag = build(typed(spec["resolved"], tuple(spec["overrides"])))
+    return spec, dag, make_plan(dag, spec.get("only"), tuple(spec.get("rerun", ())))
+
+
+def cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
+    """The stage's identity key. A hit is checked against artifact.json by the flow."""
+    return f"forge-{params['key']}"
+
+
+@task(persist_result=True, cache_key_fn=cache_key, result_serializer="json")
+def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str, force: bool) -> dict:
+    """Run one stage's worker unless its artifact already exists; return a small record."""
+    logger = get_run_logger()
+    spec, dag, _ = load_run(run_file)
+    node = dag.nodes[stage]
+    store = dag.pipeline.store
+    with stage_lock(store, node.out_dir, logger.info):
+        if complete(node) and not force:
+            logger.info(f"{stage}: cached (artifact.json with key {key[:12]} already there)")
+            return record(node, executed=False)
+        if force and node.out_dir.exists():
+            aside = node.out_dir.with_name(f"{node.out_dir.name}.replaced-{int(time.time())}")
+            node.out_dir.rename(aside)
+            logger.info(f"{stage}: forced rerun; previous output kept at {aside}")
+        started = time.time()
+        parent_keys = {p: dag.nodes[p].key for p in node.parents}
+        config = to_dict(node.config)
+        write_stage_record(node, parent_keys, config, started)
+        inputs = {p: {"out_dir": str(dag.nodes[p].out_dir),
+                      "artifact": json.loads((dag.nodes[p].out_dir / ARTIFACT_FILE).read_text())}
+                  for p in node.parents}
+        worker_spec = {"kind": node.kind, "stage": stage, "key": key, "config": config,
+                       "inputs": inputs, "out_dir": str(node.out_dir),
+                       "cluster": to_dict(dag.pipeline.cluster)}
+        logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir}")
+        run_worker(stage, node.kind_cls.launcher, dag.pipeline.cluster, worker_spec, node.out_dir,
+                   logger.info)
+        artifact = read_artifact(node.out_dir)
+        if artifact is None or artifact.key != key:
+            raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
+                              node.out_dir / "worker.log")
+        lineage = Lineage(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+        upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
+        mlflow_run = lineage.record_stage(parent_run, dag.pipeline.name, node, config, artifact,
+                                          parent_keys, upstream)
+        logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
+        return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started)
+
+
+def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0) -> dict:
+    art = read_artifact(node.out_dir)
+    return {"stage": node.name, "key": node.key, "out_dir": str(node.out_dir), "executed": executed,
+            "mlflow_run": mlflow_run, "seconds": round(seconds, 2),
+            "outputs": art.outputs if art else {}, "metrics": art.metrics if art else {}}
+
+
+@flow(name="forge-pipeline", flow_run_name="{name}")
+def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
+    logger = get_run_logger()
+    spec, dag, steps = load_run(run_file)
+    lineage = Lineage(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+    parent_run = lineage.start_pipeline(dag.pipeline.name, spec["resolved"], spec["overrides"],
+                                        str(flow_run.get_id()))
+    records: dict[str, dict] = {}
+    failed: str | None = None
+    rerun = set(spec.get("rerun", ()))
+    try:
+        for step in steps:
+            if step.action == "skip":
+                logger.info(f"{step.name}: skipped ({step.why})")
+                continue
+            if failed is not None:
+                logger.info(f"{step.name}: not run (upstream stage {failed} failed)")
+                continue
+            logger.info(f"{step.name}: {step.action} ({step.why})")
+            forced = step.name in rerun
+            state = _call(step, run_file, parent_run, refresh=forced, force=forced)
+            if state.name == "Cached" and not complete(step.node):
+                # Prefect's cache is a fast path, artifact.json the truth: a stale hit reruns.
+                logger.info(f"{step.name}: Prefect cache hit but no artifact.json; running it")
+                state = _call(step, run_file, parent_run, refresh=True, force=False)
+            if state.is_failed():
+                failed = step.name
+                records[step.name] = {"stage": step.name, "failed": True,
+                                      "error": str(_exception(state))}
+                continue
+            records[step.name] = dict(state.result())
+            if state.name == "Cached":
+                records[step.name]["executed"] = False
+            if not records[step.name]["executed"]:
+                records[step.name]["mlflow_run"] = lineage.record_cached(parent_run, step.name,
+                                                                         step.node.key)
+                logger.info(f"{step.name}: cached -> {step.node.out_dir}")
+    finally:
+        lineage.end_pipeline(parent_run, failed is None)
+    result = {"parent_run": parent_run, "stages": records, "failed": failed,
+              "tracking_uri": dag.pipeline.tracking_uri}
+    if failed is not None:
+        raise RuntimeError(records[failed]["error"])
+    return result
+
+
+def _call(step: Step, run_file: str, parent_run: str, refresh: bool, force: bool) -> Any:
+    task_run = run_stage.with_options(task_run_name=step.name, refresh_cache=refresh)
+    return task_run(step.name, step.node.key, str(step.node.out_dir), run_file, parent_run, force,
+                    return_state=True)
+
+
+def _exception(state: Any) -> BaseException | str:
+    try:
+        state.result()
+    except BaseException as e:  # the task's own exception, re-raised by Prefect
+        return e
+    return state.message or "failed"

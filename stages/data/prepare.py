@@ -1,0 +1,114 @@
+"""The `prepare_data` stage: load every source with HF ``datasets``, split off held-out, write Parquet.
+
+An embedded generator source is first written to ``raw/<name>.jsonl`` and then read by the same
+``datasets.load_dataset`` call as a builder source (``json``, ``parquet``, a hub id ...), so the
+loading path a real corpus takes is the one the tests exercise.
+
+Outputs per source: ``sources/<name>.parquet`` (train) and ``heldout/<name>.parquet``, each with a
+single ``text`` column. The held-out rows are a seeded permutation's first
+``round(rows * validation_fraction)`` rows (at least one when the fraction is positive); the train
+rows keep their original order. Reruns write the same bytes.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+from stages.base import Artifact, RunContext, file_digest
+from stages.data_kinds import PrepareDataConfig, SourceSpec
+from stages.schema import ConfigError
+
+
+def heldout_indices(rows: int, fraction: float, seed: int, name: str) -> list[int]:
+    """Sorted indices of the held-out rows: seeded by (seed, source name), independent of content."""
+    if fraction <= 0 or rows < 2:
+        return []
+    n = min(rows - 1, max(1, round(rows * fraction)))
+    order = list(range(rows))
+    random.Random(f"heldout/{seed}/{name}").shuffle(order)
+    return sorted(order[:n])
+
+
+def describe(spec: SourceSpec) -> str:
+    """Where a source's documents come from, for lineage (e.g. ``generator:web``)."""
+    if spec.generator is not None:
+        return f"generator:{spec.generator}"
+    files = ",".join(spec.data_files)
+    return f"{spec.builder}:{files}[{spec.split}]" if files else f"{spec.builder}[{spec.split}]"
+
+
+def load_source(name: str, spec: SourceSpec, seed: int, out_dir: Path, cache_dir: Path, stage: str):
+    """The source as a pyarrow table with one non-empty string column ``text``."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if spec.generator is not None:
+        from stages.data.corpus import write_jsonl
+        raw = out_dir / "raw" / f"{name}.jsonl"
+        write_jsonl(spec.generator, spec.documents, seed, raw)
+        builder, data_files, split = "json", [str(raw)], "train"
+    else:
+        builder, data_files, split = spec.builder, list(spec.data_files) or None, spec.split
+    datasets.disable_progress_bars()  # worker logs are files: one line per source, not \r bars
+    # A cache inside the stage dir keeps the stage hermetic (no shared ~/.cache state between runs).
+    ds = datasets.load_dataset(builder, data_files=data_files, split=split, cache_dir=str(cache_dir))
+    if spec.text_field not in ds.column_names:
+        raise ConfigError(
+            f"stages.{stage}.sources.{name}.text_field: source {name!r} has no column "
+            f"{spec.text_field!r}; columns found: {', '.join(ds.column_names)}. "
+            "Set text_field to the column that holds the document text.")
+    col = ds.data.table.column(spec.text_field).combine_chunks()
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise ConfigError(f"stages.{stage}.sources.{name}.text_field: column {spec.text_field!r} "
+                          f"holds {col.type}, not text")
+    col = col.cast(pa.string())
+    keep = pc.and_(pc.is_valid(col), pc.greater(pc.utf8_length(col), 0))  # drop null/empty docs
+    del ds
+    table = pa.table({"text": pc.filter(col, pc.fill_null(keep, False))})
+    if table.num_rows == 0:
+        raise ConfigError(f"stages.{stage}.sources.{name}: no non-empty {spec.text_field!r} "
+                          f"documents in {describe(spec)}")
+    return table
+
+
+def write_parquet(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Fixed options so the same rows give the same bytes on rerun.
+    pq.write_table(table, path, compression="zstd", row_group_size=4096, use_dictionary=False)
+
+
+def prepare_sources(config: PrepareDataConfig, out_dir: Path, ctx: RunContext) -> Artifact:
+    import pyarrow as pa
+
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / ".hf_cache"
+    outputs: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    datasets_: list[dict] = []
+    try:
+        for name, spec in config.sources.items():
+            t0 = time.perf_counter()
+            table = load_source(name, spec, config.seed, out_dir, cache_dir, ctx.stage)
+            held = heldout_indices(table.num_rows, config.validation_fraction, config.seed, name)
+            held_set = set(held)
+            train_idx = [i for i in range(table.num_rows) if i not in held_set]
+            parts = {"train": ("sources", table.take(pa.array(train_idx, pa.int64()))),
+                     "heldout": ("heldout", table.take(pa.array(held, pa.int64())))}
+            for split, (folder, part) in parts.items():
+                rel = f"{folder}/{name}.parquet"
+                write_parquet(part, out_dir / rel)
+                outputs[f"{folder}/{name}"] = rel
+                datasets_.append({"name": name, "split": split, "rows": part.num_rows,
+                                  "path": str((out_dir / rel).resolve()),
+                                  "digest": file_digest(out_dir / rel), "source": describe(spec)})
+            metrics[f"documents/{name}"] = len(train_idx)
+            print(f"[prepare_data] {name}: {len(train_idx)} train + {len(held)} held-out documents "
+                  f"from {describe(spec)} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return Artifact(kind="prepare_data", stage=ctx.stage, key=ctx.key, outputs=outputs,
+                    metrics=metrics, datasets=datasets_)

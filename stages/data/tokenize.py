@@ -1,0 +1,78 @@
+"""The `tokenize` stage: each prepared source becomes a Megatron indexed dataset (``.bin``/``.idx``).
+
+One entry per document, its tokens followed by the EOD id, written with Megatron-core's
+``IndexedDatasetBuilder`` (uint16 when the vocabulary fits, else int32) so ``GPTDataset`` and
+``BlendedMegatronDatasetBuilder`` read it directly. Train sources go to ``tokens/<name>``, held-out
+to ``heldout/<name>`` (output values are path prefixes, relative to the stage dir, without extension).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from stages.base import Artifact, RunContext, StageInput, file_digest
+from stages.data.tokenizer import EOD, PAD, read_texts, source_outputs
+from stages.data_kinds import TokenizeConfig
+
+
+def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
+    """Tokenize a Parquet ``text`` column into ``<prefix>.bin/.idx``; return (documents, tokens)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
+    docs = tokens = 0
+    for texts in read_texts(parquet):
+        for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+            ids = np.fromiter((*enc.ids, eod_id), dtype=dtype)
+            builder.add_document(ids, [ids.size])
+            docs, tokens = docs + 1, tokens + ids.size
+    builder.finalize(get_idx_path(str(prefix)))
+    return docs, tokens
+
+
+def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_dir: Path,
+                     ctx: RunContext) -> Artifact:
+    with warnings.catch_warnings():  # import-time noise: TE/Apex absent on CPU, deprecations
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        from megatron.core.datasets.indexed_dataset import DType
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    out_dir = Path(out_dir)
+    data, tok_stage = inputs[config.data], inputs[config.tokenizer]
+    tok_path = tok_stage.path("tokenizer").resolve()
+    tok = Tokenizer.from_file(str(tok_path))
+    vocab_size, eod_id, pad_id = tok.get_vocab_size(), tok.token_to_id(EOD), tok.token_to_id(PAD)
+    if eod_id is None:
+        raise ValueError(f"tokenizer {tok_path} has no {EOD!r} token")
+    dtype = DType.optimal_dtype(vocab_size)
+    outputs: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    datasets_: list[dict] = []
+    for src in source_outputs(data):
+        name = src.removeprefix("sources/")
+        for split, folder, parent_out in (("train", "tokens", src), ("heldout", "heldout", f"heldout/{name}")):
+            if parent_out not in data.artifact.outputs:
+                continue  # a prepare_data stage from elsewhere may have no held-out split
+            if pq.ParquetFile(data.path(parent_out)).metadata.num_rows == 0:
+                print(f"[tokenize] {parent_out}: no documents, skipped", flush=True)
+                continue  # Megatron cannot open an empty .bin (mmap of an empty file)
+            t0 = time.perf_counter()
+            rel = f"{folder}/{name}"
+            docs, tokens = write_indexed(tok, data.path(parent_out), out_dir / rel, eod_id, dtype)
+            outputs[rel] = rel
+            bin_path = out_dir / f"{rel}.bin"
+            datasets_.append({"name": name, "split": split, "rows": docs, "tokens": tokens,
+                              "path": str(bin_path.resolve()), "digest": file_digest(bin_path)})
+            if split == "train":
+                metrics[f"tokens/{name}"] = tokens
+            print(f"[tokenize] {rel}: {docs} documents, {tokens} tokens "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    return Artifact(kind="tokenize", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
+                    datasets=datasets_,
+                    extra={"vocab_size": vocab_size, "eod_id": eod_id, "pad_id": pad_id,
+                           "tokenizer": str(tok_path), "dtype": dtype.__name__})

@@ -1,0 +1,97 @@
+"""The `train_tokenizer` stage: a byte-level BPE trained on the prepared sources.
+
+A small stand-in for the recipe's 100,352-token vocabulary, built with HF ``tokenizers``:
+digits are split one by one (so arithmetic is learnable at tiny scale), then GPT-2 style byte-level
+pre-tokenization; ``<|endoftext|>`` (EOD, id 0) and ``<|pad|>`` (id 1) are the special tokens.
+Training reads the first ``max_documents`` documents of every ``sources/<name>`` output of the
+``data`` parent, sources in name order, and runs on one thread so the same input gives the same
+``tokenizer.json`` bytes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from stages.base import Artifact, RunContext, StageInput, file_digest
+from stages.data_kinds import TrainTokenizerConfig
+
+EOD = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOD, PAD)
+
+
+def source_outputs(data: StageInput, prefix: str = "sources/") -> list[str]:
+    """The parent's output names that start with ``prefix``, sorted (e.g. ``sources/web``)."""
+    return sorted(k for k in data.artifact.outputs if k.startswith(prefix))
+
+
+def read_texts(path: Path, limit: int | None = None, batch_size: int = 1024) -> Iterator[list[str]]:
+    """Batches of the ``text`` column of a Parquet file, at most ``limit`` texts in all."""
+    import pyarrow.parquet as pq
+    left = limit
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["text"]):
+        texts = batch.column(0).to_pylist()
+        if left is not None:
+            texts, left = texts[:left], left - len(texts[:left])
+        if texts:
+            yield texts
+        if left is not None and left <= 0:
+            return
+
+
+def build_tokenizer():
+    """An untrained byte-level BPE with individually split digits."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(config: TrainTokenizerConfig, inputs: dict[str, StageInput], out_dir: Path,
+                    ctx: RunContext) -> Artifact:
+    # Rayon reads this when its pool starts. Two threads gave identical files here; one thread is
+    # cheap insurance that merge ties (and so ids) cannot depend on scheduling on bigger machines.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    from tokenizers import pre_tokenizers, trainers
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = inputs[config.data]
+    names = source_outputs(data)
+    if not names:
+        raise ValueError(f"stage {data.name!r} has no sources/<name> outputs to train a tokenizer on")
+    counts: dict[str, int] = {}
+
+    def corpus() -> Iterator[list[str]]:
+        for out in names:
+            for texts in read_texts(data.path(out), config.max_documents):
+                counts[out] = counts.get(out, 0) + len(texts)
+                yield texts
+
+    tok = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    path = out_dir / "tokenizer.json"
+    tok.save(str(path), pretty=True)
+    extra = {"vocab_size": tok.get_vocab_size(), "eod_id": tok.token_to_id(EOD),
+             "pad_id": tok.token_to_id(PAD)}
+    print(f"[train_tokenizer] vocab {extra['vocab_size']} (asked {config.vocab_size}) from "
+          f"{sum(counts.values())} documents of {len(names)} sources "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    return Artifact(kind="train_tokenizer", stage=ctx.stage, key=ctx.key,
+                    outputs={"tokenizer": "tokenizer.json"},
+                    metrics={"vocab_size": extra["vocab_size"]},
+                    datasets=[{"name": out.removeprefix("sources/"), "rows": n, "split": "train",
+                               "path": str(data.path(out).resolve()),
+                               "digest": file_digest(data.path(out))} for out, n in counts.items()],
+                    extra=extra)

@@ -1,0 +1,232 @@
+"""Training checkpoints: Megatron ``dist_checkpointing`` (reshardable) + train state + RNG, atomic.
+
+Layout of ``<out_dir>/checkpoints/iter_XXXXXXX/`` (XXXXXXX = optimizer steps done in the phase):
+
+- the ``torch_dist`` files of one sharded state dict: ``model`` (``model.sharded_state_dict()``)
+  and ``optimizer.state.{exp_avg,exp_avg_sq}.<param key>`` for torch AdamW, sharded like their
+  parameters (``megatron.core.dist_checkpointing.optimizer`` helpers), so weights *and* moments
+  reshard between TP sizes;
+- ``state.json``: ``TrainState`` (phase step, tokens of the phase and in total, consumed samples,
+  AdamW's step counter, the parallel layout);
+- ``rng/rank_XXXXX.pt``: python, numpy and torch (and cuda) RNG states of each rank;
+- ``done.json``, written last: the sha256 and size of every other file, and the state.
+
+A save writes into ``checkpoints/.tmp-iter_XXXXXXX``, renames it into place, then writes
+``done.json`` atomically (tmp file + rename). A directory without a valid ``done.json`` is never
+taken as complete (``latest_complete``) and is removed by the next save. Pruning keeps the newest
+``keep`` complete checkpoints (so the final one, the newest, always stays).
+
+Every function that touches tensors is collective: all ranks call it. dist_checkpointing starts a
+``spawn`` multiprocessing manager, so scripts that save need an ``if __name__ == "__main__"`` guard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages.base import file_digest
+
+CHECKPOINTS = "checkpoints"
+DONE = "done.json"
+STATE = "state.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0               # optimizer steps done in this phase
+    tokens_phase: int = 0       # tokens trained in this phase
+    tokens_total: int = 0       # tokens trained over all phases, parents included
+    consumed_samples: int = 0   # samples of this phase's mixture already read
+    optimizer_steps: int = 0    # AdamW's own step counter (bias correction), over all phases
+    world_size: int = 1
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- completeness
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != DONE)
+
+
+def is_complete(ckpt: Path, verify: bool = True) -> bool:
+    """True if ``done.json`` is valid and every file it lists is there (with its sha256 if verify)."""
+    try:
+        manifest = json.loads((Path(ckpt) / DONE).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for rel, meta in files.items():
+        p = Path(ckpt) / rel
+        if not p.is_file() or p.stat().st_size != meta["size"]:
+            return False
+        if verify and file_digest(p) != meta["sha256"]:
+            return False
+    return True
+
+
+def complete_checkpoints(out_dir: Path, verify: bool = False) -> list[Path]:
+    """Complete checkpoints of ``out_dir``, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+    return [p for p in found if is_complete(p, verify)]
+
+
+def latest_complete(out_dir: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``out_dir/checkpoints`` (checksums verified), or None."""
+    for p in reversed(complete_checkpoints(out_dir, verify=False)):
+        if not verify or is_complete(p, verify=True):
+            return p
+    return None
+
+
+def read_state(ckpt: Path) -> TrainState:
+    return TrainState(**json.loads((Path(ckpt) / STATE).read_text()))
+
+
+# ---------------------------------------------------------------- sharded state
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _sharded_state(model, optimizer: torch.optim.Optimizer | None, *, for_load: bool) -> dict:
+    """{"model": ..., "optimizer": {moment: {index: ShardedTensor}}} for save or load."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor)
+    model_sd = model.sharded_state_dict()
+    out = {"model": model_sd}
+    if optimizer is None:
+        return out
+    params = _optimizer_params(optimizer)
+    id_map = get_param_id_to_sharded_param_map(model_sd, params)
+    if len(id_map) != len(params):
+        raise RuntimeError(f"{len(params) - len(id_map)} optimizer parameters are not in the model's "
+                           "sharded state dict")
+    moments: dict = {m: {} for m in MOMENTS}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        for m in MOMENTS:
+            if m in state and not for_load:
+                ten = state[m]
+            else:  # a fresh optimizer (or a load): a buffer of the right shape to load into
+                ten = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            moments[m][i] = make_sharded_optimizer_tensor(id_map[i], ten, f"optimizer.state.{m}")
+    out["optimizer"] = moments
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load
+def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, state: TrainState,
+                    keep: int = 2) -> Path:
+    """Save atomically to ``out_dir/checkpoints/iter_<state.step>``; prune to ``keep``. Collective."""
+    from megatron.core import dist_checkpointing
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / iter_name(state.step)
+    tmp = root / f".tmp-{final.name}"
+    rank = _rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, for_load=False), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        _write_atomic(tmp / STATE, json.dumps(dataclasses.asdict(state), indent=1))
+        if final.exists():  # an earlier, incomplete save of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        files = {str(p.relative_to(final)): {"sha256": file_digest(p), "size": p.stat().st_size}
+                 for p in _files(final)}
+        _write_atomic(final / DONE, json.dumps({"files": files, "state": dataclasses.asdict(state)},
+                                               indent=1, sort_keys=True))
+        prune(out_dir, keep)
+    _barrier()
+    return final
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` (>= 1) complete checkpoints; drop incomplete and temporary ones."""
+    root = Path(out_dir) / CHECKPOINTS
+    complete = complete_checkpoints(out_dir, verify=False)
+    keep_set = set(complete[-max(1, keep):])
+    for p in root.iterdir():
+        if p.is_dir() and p not in keep_set and (p.name.startswith("iter_")
+                                                 or p.name.startswith(".tmp-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, model, optimizer: torch.optim.Optimizer | None,
+                    restore_rng: bool = False) -> TrainState:
+    """Load weights (and AdamW moments + step counter when ``optimizer``) from ``ckpt``. Collective.
+
+    Works across TP/DP layouts (dist_checkpointing reshards). ``restore_rng`` restores this rank's
+    RNG state when the checkpoint has one for it (a resume in the same layout).
+    """
+    from megatron.core import dist_checkpointing
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, for_load=True), str(ckpt))
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} lacks model tensors: {missing[:5]}")
+    if optimizer is not None:
+        step = torch.tensor(float(state.optimizer_steps), dtype=torch.float32)
+        for i, p in enumerate(_optimizer_params(optimizer)):
+            optimizer.state[p] = {"step": step.clone(),
+                                  **{m: loaded["optimizer"][m][i].to(p.device) for m in MOMENTS}}
+    rng = ckpt / "rng" / f"rank_{_rank():05d}.pt"
+    if restore_rng and rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state

@@ -1,0 +1,53 @@
+"""The minimal shim that lets Megatron-core train on a CPU (gloo), applied only when the device is CPU.
+
+Megatron-core 0.16 has a few CUDA call sites with no flag to turn them off (FACTS.md):
+
+- RoPE ``get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()``;
+- ``GlobalMemoryBuffer.get_tensor`` allocates on ``torch.cuda.current_device()``;
+- the dist-checkpoint saver asks for ``current_device()`` and calls ``torch.cuda.synchronize()``;
+- ``model_parallel_cuda_manual_seed`` needs ``torch.cuda.get_rng_state``.
+
+``apply_cpu_shim()`` points ``torch.cuda.current_device`` at the CPU and makes
+``torch.cuda.synchronize`` a no-op; ``init_cpu_rng_tracker()`` creates Megatron's RNG tracker
+without touching CUDA (the inference tracker: its ``fork()`` is a no-op context). That tracker is
+only consulted for dropout and GPU-side init; our models run with dropout 0 and initialise on the
+CPU from the default torch generator, so nothing is lost.
+
+Both are idempotent. Never apply the shim in a process that uses a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_sync(device=None) -> None:  # noqa: ARG001 - same signature as torch.cuda.synchronize
+    return None
+
+
+def apply_cpu_shim() -> None:
+    """Redirect the CUDA call sites Megatron-core hits to the CPU (once; safe to call again)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_shim: a GPU is visible; the CPU shim must not be applied on a "
+                           "CUDA run (set cluster.device=cuda)")
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.synchronize = _no_sync
+    _APPLIED = True
+
+
+def init_cpu_rng_tracker() -> None:
+    """Megatron's RNG tracker without CUDA RNG calls (replaces model_parallel_cuda_manual_seed)."""
+    from megatron.core.tensor_parallel import random as mrandom
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def is_applied() -> bool:
+    return _APPLIED

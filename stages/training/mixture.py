@@ -1,0 +1,165 @@
+"""A phase's data mixture: a weighted blend of Megatron indexed datasets, one per source.
+
+``build_blended_dataset`` goes through Megatron-core's own ``BlendedMegatronDatasetBuilder`` with
+a ``GPTDatasetConfig``: each source (a ``.bin``/``.idx`` prefix from the tokenize stage) becomes a
+``GPTDataset`` of packed ``seq_length + 1``-token samples (documents are EOD-terminated and packed
+across boundaries; shuffled with ``seed``), and a ``BlendedDataset`` interleaves the sources in
+proportion to their weights. Sample ``i`` depends only on (prefixes, weights, seq_length,
+num_samples, seed): a resumed run reads exactly the samples the interrupted one would have.
+
+Index caches are written under ``cache_dir`` (never next to the tokenize stage's data, Megatron's
+default). Under torch.distributed, rank 0 builds them first and the other ranks read them (the
+builder's own barrier protocol), so every rank must call. Each build gets its own sub-directory
+with a ``.complete`` marker written after the build: a build killed half-way is wiped and redone
+instead of being taken for a cache hit. Without torch.distributed a temporary world of one is set
+up for the build (Megatron's BlendedDataset asks for the rank).
+
+Megatron wants a tokenizer for the special ids: ``EodTokenizer`` carries the EOD id and a pad id
+of -1 (packed training samples are never padded, so no real token may be masked as padding).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PAD_NONE = -1  # Megatron's "no pad token" id: never equal to a real token
+
+
+class EodTokenizer:
+    """The part of a Megatron tokenizer that GPTDataset reads: vocab size, EOD and pad ids."""
+
+    def __init__(self, eod_id: int, vocab_size: int | None = None):
+        self.eod = int(eod_id)
+        self.pad = PAD_NONE
+        self.vocab_size = vocab_size  # None: the token dtype is read from the .idx file
+        self.unique_identifiers = {"class": "EodTokenizer", "eod": self.eod, "pad": self.pad}
+
+
+@contextlib.contextmanager
+def _distributed():
+    """Yield inside a process group: the current one, or a temporary world of one."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _build_dir(cache_dir: Path, description: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / digest
+
+
+def _build_once(cache_dir: Path, description: dict, build):
+    """Run ``build(path)`` (collective) in a marker-guarded cache sub-directory."""
+    with _distributed():
+        path = _build_dir(cache_dir, description)
+        rank = dist.get_rank()
+        if rank == 0 and path.exists() and not (path / ".complete").exists():
+            shutil.rmtree(path)  # a build that was killed half-way: never trust its files
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "description.json").write_text(json.dumps(description, indent=1, sort_keys=True))
+        dist.barrier()
+        result = build(path)
+        dist.barrier()
+        if rank == 0:
+            (path / ".complete").write_text("ok\n")
+        return result
+
+
+def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split="1,0,0",  # everything is training data; held-out data comes as its own prefixes
+        path_to_cache=str(path),
+        tokenizer=EodTokenizer(eod_id),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # the model gets one causal mask (model.causal_mask)
+        mid_level_dataset_surplus=0.05,  # small blends need a margin over the exact counts
+    )
+
+
+def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], seq_length: int,
+                          num_samples: int, seed: int, eod_id: int, cache_dir: Path):
+    """A dataset of ``num_samples`` samples (dicts with "tokens", "labels", "loss_mask", ...).
+
+    ``prefixes``: source -> indexed-dataset prefix (path without .bin/.idx); ``weights``: source ->
+    weight (normalised here; 0 drops the source). Collective under torch.distributed.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    unknown = sorted(set(weights) - set(prefixes))
+    if unknown:
+        raise KeyError(f"mixture sources without data: {unknown}; known sources: {sorted(prefixes)}")
+    used = sorted(s for s, w in weights.items() if w > 0)
+    if not used:
+        raise ValueError("mixture: every weight is zero")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    paths = [str(Path(prefixes[s]).resolve()) for s in used]
+    total = float(sum(weights[s] for s in used))
+    norm = [weights[s] / total for s in used]
+    description = {"what": "blend", "prefixes": paths, "weights": norm, "seq_length": seq_length,
+                   "num_samples": num_samples, "seed": seed, "eod": eod_id}
+
+    def build(path: Path):
+        config = _gpt_config((paths, norm), seq_length, seed, eod_id, path)
+        builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0],
+                                                lambda: True, config)
+        return builder.build()[0]
+
+    dataset = _build_once(cache_dir, description, build)
+    if len(dataset) < num_samples:
+        raise RuntimeError(f"blend has {len(dataset)} samples, {num_samples} were asked for")
+    return dataset
+
+
+def build_heldout_dataset(prefix: str, seq_length: int, seed: int, eod_id: int, cache_dir: Path):
+    """One epoch of one source's held-out documents, packed like the training data."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    path_str = str(Path(prefix).resolve())
+    description = {"what": "heldout", "prefix": path_str, "seq_length": seq_length, "seed": seed,
+                   "eod": eod_id}
+
+    def build(path: Path):
+        config = _gpt_config(([path_str], None), seq_length, seed, eod_id, path)
+        builder = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config)
+        return builder.build()[0]
+
+    return _build_once(cache_dir, description, build)
+
+
+def batch(dataset, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack samples ``indices`` into (tokens, labels, loss_mask), each [b, seq_length]."""
+    samples = [dataset[int(i)] for i in indices]
+    return (torch.stack([s["tokens"] for s in samples]),
+            torch.stack([s["labels"] for s in samples]),
+            torch.stack([s["loss_mask"] for s in samples]).float())
+
+
+def write_indexed_dataset(prefix: Path, documents, dtype=np.int32) -> None:
+    """Write token documents (lists/arrays of ids, EOD included) as a Megatron indexed dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
+    for doc in documents:
+        builder.add_document(np.asarray(doc, dtype=dtype), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")

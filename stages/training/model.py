@@ -1,0 +1,170 @@
+"""Model provider: a Granite-shaped Megatron-core ``GPTModel`` built from a ``ModelSpec``.
+
+Granite 4.1 dense = GQA + RoPE + SwiGLU + RMSNorm + tied input/output embeddings, no biases,
+dropout 0. The mapping onto Megatron-core 0.16:
+
+- ``TransformerConfig``: ``normalization="RMSNorm"``, ``gated_linear_unit=True`` with SiLU
+  (SwiGLU), ``add_bias_linear=False``, ``num_query_groups`` (GQA), dropout 0, init std
+  ``init_std``; every CUDA-only fusion stays off on CPU (FACTS.md).
+- ``GPTModel``: ``position_embedding_type="rope"``, ``rotary_base=rope_theta``,
+  ``share_embeddings_and_output_weights=tied_embeddings``, ``rotary_interleaved=False`` (HF layout).
+- Layer spec: Megatron's local spec (pure torch modules) on CPU; the Transformer Engine spec on
+  GPU (needed for FP8). Asking for TE where it cannot be imported raises ``RuntimeError`` saying
+  how to fix it.
+- FP8 (GPU only): ``PrecisionSpec.fp8`` sets ``TransformerConfig.fp8_recipe``; the format is
+  ``hybrid`` (E4M3 forward, E5M2 gradients) for the per-tensor recipes ("delayed", "tensorwise")
+  and ``e4m3`` for the block-scaled ones ("blockwise", "mxfp8"), which only take E4M3. Megatron's
+  ``TransformerBlock`` wraps its layers in the FP8 autocast itself.
+- bf16: parameters stay fp32 (master weights, what AdamW updates) and the forward runs under
+  ``torch.autocast(dtype=bfloat16)`` (see ``autocast``): one optimizer and one checkpoint format on
+  CPU and GPU alike.
+
+The vocabulary is padded to a multiple of ``VOCAB_MULTIPLE`` (independent of TP, so a checkpoint
+reshards between TP sizes); ``padded_vocab_size`` says by how much.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from stages.training.specs import ModelSpec, PrecisionSpec
+
+VOCAB_MULTIPLE = 128  # Megatron's make_vocab_size_divisible_by; TP sizes that divide it all work
+
+# fp8 recipe -> TransformerConfig.fp8 (format)
+FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
+    """``vocab_size`` rounded up to a multiple of VOCAB_MULTIPLE (the same for every TP size)."""
+    padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded % tensor_parallel:
+        raise ValueError(f"tensor_parallel={tensor_parallel} does not divide the padded vocabulary "
+                         f"({padded}); use a TP size that divides {VOCAB_MULTIPLE}")
+    return padded
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # ImportError, or OSError when CUDA libraries are missing
+        return False
+    return True
+
+
+def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
+                       tensor_parallel: int = 1):
+    """The Megatron ``TransformerConfig`` of a Granite-shaped dense decoder."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    fp8 = {}
+    if precision.fp8 != "none":
+        if device != "cuda":
+            raise RuntimeError(f"precision.fp8={precision.fp8!r} needs a GPU with Transformer Engine; "
+                               "set precision.fp8=none on CPU")
+        fp8 = dict(fp8=FP8_FORMAT[precision.fp8], fp8_recipe=precision.fp8)
+        if precision.fp8 == "delayed":
+            fp8.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.layernorm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        tensor_model_parallel_size=tensor_parallel,
+        sequence_parallel=False,
+        params_dtype=torch.float32,
+        use_cpu_initialization=(device == "cpu"),
+        perform_initialization=True,
+        # CUDA-only fusions stay off (FACTS.md); they are cheap wins on GPU but change numerics.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **fp8,
+    )
+
+
+def layer_spec(use_te: bool):
+    """Megatron's local layer spec (CPU) or the Transformer Engine spec (GPU, FP8)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    if not use_te:
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if not have_transformer_engine():
+        raise RuntimeError("the Transformer Engine layer spec was asked for, but transformer_engine "
+                           "cannot be imported here; install the GPU extra "
+                           "(pip install 'granite-forge[gpu]', or use the worker image) on a CUDA "
+                           "machine, or train on CPU (cluster.device=cpu, precision.fp8=none)")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def build_model(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
+                tensor_parallel: int = 1, use_te: bool | None = None):
+    """A ``GPTModel`` on ``device`` (model-parallel state must be initialised first).
+
+    ``use_te`` defaults to True on cuda and False on cpu. Initialisation on CPU draws from the
+    default torch generator (seed it first); the full weight is drawn and then split, so TP=1 and
+    TP=2 start from the same weights.
+    """
+    from megatron.core.models.gpt import GPTModel
+    if use_te is None:
+        use_te = device == "cuda"
+    config = transformer_config(spec, precision, device=device, tensor_parallel=tensor_parallel)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=padded_vocab_size(spec.vocab_size, tensor_parallel),
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=spec.rope_theta,
+        # FACTS.md: Megatron's default is rotary_interleaved=False (the HF layout); say it.
+    )
+    assert not config.rotary_interleaved
+    return model.to(device)
+
+
+def causal_mask(seq_length: int, device: str) -> torch.Tensor | None:
+    """Explicit causal mask for CPU ([1, 1, s, s], True = masked); None on GPU (kernels build it).
+
+    Megatron's default causal mask is allocated on cuda, so the CPU path must pass its own.
+    """
+    if device != "cpu":
+        return None
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)[None, None]
+
+
+def autocast(precision: PrecisionSpec, device: str):
+    """bf16 autocast around the forward (fp32 master weights), or nothing for fp32."""
+    if precision.dtype == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_losses(model, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                 precision: PrecisionSpec, device: str) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] of ``labels`` given ``tokens`` (fp32)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    with autocast(precision, device):
+        losses = model(tokens, position_ids, mask, labels=labels)
+    return losses.float()
