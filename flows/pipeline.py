@@ -93,10 +93,15 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     records: dict[str, dict] = {}
     failed: str | None = None
     rerun = set(spec.get("rerun", ()))
+    skipped: dict[str, list[str]] = {}
+    for step in steps:
+        if step.action == "skip":
+            skipped.setdefault(step.why, []).append(step.name)
+    for why, names in skipped.items():
+        logger.info(f"skipped ({why}): {', '.join(names)}")
     try:
         for step in steps:
             if step.action == "skip":
-                logger.info(f"{step.name}: skipped ({step.why})")
                 continue
             if failed is not None:
                 logger.info(f"{step.name}: not run (upstream stage {failed} failed)")

@@ -55,7 +55,8 @@ def check_hardware(prep: Prepared) -> None:
 def configure_services(store: Path) -> None:
     """Point Prefect at the store unless the user configured it; quiet, patient start-up."""
     store.mkdir(parents=True, exist_ok=True)
-    if "PREFECT_API_URL" not in os.environ:
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.pop("PREFECT_API_URL", None)  # empty means: use the embedded server
         os.environ.setdefault("PREFECT_HOME", str(store / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -81,7 +82,7 @@ def init_stores(prep: Prepared) -> None:
     """Create Prefect's and MLflow's databases once, under a lock (concurrent launches raced)."""
     store = prep.dag.pipeline.store
     with store_lock(store, "init.lock"):
-        if "PREFECT_API_URL" not in os.environ:
+        if not os.environ.get("PREFECT_API_URL"):
             from prefect.server.database import provide_database_interface
             asyncio.run(provide_database_interface().create_db())
         from flows.lineage import Lineage

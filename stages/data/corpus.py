@@ -172,7 +172,8 @@ OPTIONS = (
 
 
 def technical(r: random.Random) -> str:
-    p, port, t, c = r.choice(PRODUCTS), r.choice((8080, 8000, 5000, 9090)), r.randint(5, 60), 16 * r.randint(1, 8)
+    p, port = r.choice(PRODUCTS), r.choice((8080, 8000, 5000, 9090))
+    t, c = r.randint(5, 60), 16 * r.randint(1, 8)
     ver = f"{r.randint(0, 4)}.{r.randint(0, 12)}"
     opts = "\n".join(f"- `{o}` ({ty}, default `{d.format(t=t, c=c, p=p)}`): {doc}"
                      for o, ty, d, doc in sorted(r.sample(OPTIONS, r.randint(3, 6))))

@@ -55,7 +55,8 @@ def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_
     datasets_: list[dict] = []
     for src in source_outputs(data):
         name = src.removeprefix("sources/")
-        for split, folder, parent_out in (("train", "tokens", src), ("heldout", "heldout", f"heldout/{name}")):
+        splits = (("train", "tokens", src), ("heldout", "heldout", f"heldout/{name}"))
+        for split, folder, parent_out in splits:
             if parent_out not in data.artifact.outputs:
                 continue  # a prepare_data stage from elsewhere may have no held-out split
             if pq.ParquetFile(data.path(parent_out)).metadata.num_rows == 0:

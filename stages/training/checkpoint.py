@@ -26,6 +26,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,65 @@ def _set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- save / load
+_PREWARM: threading.Thread | None = None
+_WARM_QUEUE: list = []
+
+
+def prewarm_writer() -> None:
+    """Start dist_checkpointing's writer-results manager in the background, early.
+
+    Its first use costs ~1.5 s on the critical path: Megatron starts a ``spawn`` multiprocessing
+    manager whose process must import torch.distributed.checkpoint to unpickle the first write
+    results. Started here (without importing Megatron, which would wait on the main thread's
+    import), that work overlaps the model and data set-up on the otherwise idle core; the first
+    save hands the warm queue to Megatron (``_use_warm_queue``). Unlike Megatron's own, this
+    manager process exits when the worker dies (even by SIGKILL) instead of lingering. Best effort:
+    it goes through a private Megatron global, so any failure leaves the first save to pay.
+    """
+    global _PREWARM
+
+    def warm():
+        try:
+            import multiprocessing as mp
+            from torch.distributed.checkpoint.filesystem import _StorageInfo
+            from torch.distributed.checkpoint.metadata import MetadataIndex
+            from torch.distributed.checkpoint.storage import WriteResult
+            from multiprocessing.managers import SyncManager
+            manager = SyncManager(ctx=mp.get_context("spawn"))  # what Megatron would create...
+            manager.start(_exit_with_parent)  # ...but one that does not outlive a killed worker
+            queue = manager.Queue()
+            queue.put({0: [WriteResult(MetadataIndex("warm"), 0, _StorageInfo("warm", 0, 0))]})
+            queue.get()
+            _WARM_QUEUE.extend([queue, manager])
+        except Exception:
+            pass
+
+    if _PREWARM is None:
+        _PREWARM = threading.Thread(target=warm, name="ckpt-prewarm", daemon=True)
+        _PREWARM.start()
+
+
+def _exit_with_parent() -> None:
+    """Initializer of the manager process: exit once the process that started it is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _use_warm_queue() -> None:
+    if _PREWARM is not None:
+        _PREWARM.join()
+    if _WARM_QUEUE:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        if getattr(filesystem_async, "_results_queue", "missing") is None:
+            filesystem_async._results_queue = _WARM_QUEUE[0]
+
+
 def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, state: TrainState,
                     keep: int = 2) -> Path:
     """Save atomically to ``out_dir/checkpoints/iter_<state.step>``; prune to ``keep``. Collective."""
@@ -172,6 +233,7 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
     final = root / iter_name(state.step)
     tmp = root / f".tmp-{final.name}"
     rank = _rank()
+    _use_warm_queue()
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -211,7 +273,7 @@ def load_checkpoint(ckpt: Path, model, optimizer: torch.optim.Optimizer | None,
     """Load weights (and AdamW moments + step counter when ``optimizer``) from ``ckpt``. Collective.
 
     Works across TP/DP layouts (dist_checkpointing reshards). ``restore_rng`` restores this rank's
-    RNG state when the checkpoint has one for it (a resume in the same layout).
+    RNG state when the checkpoint was written by a world of the same size (a resume).
     """
     from megatron.core import dist_checkpointing
     ckpt = Path(ckpt)
@@ -227,6 +289,17 @@ def load_checkpoint(ckpt: Path, model, optimizer: torch.optim.Optimizer | None,
             optimizer.state[p] = {"step": step.clone(),
                                   **{m: loaded["optimizer"][m][i].to(p.device) for m in MOMENTS}}
     rng = ckpt / "rng" / f"rank_{_rank():05d}.pt"
-    if restore_rng and rng.exists():
+    same_layout = state.world_size == (dist.get_world_size() if dist.is_initialized() else 1)
+    if restore_rng and same_layout and rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
     return state
+
+
+def read_tensors(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every full tensor of a checkpoint whose key starts with ``prefix`` (e.g. "optimizer."), by
+    sharded key; model weights have no prefix. Runs outside a worker too (a world of one)."""
+    from megatron.core import dist_checkpointing
+    from stages.training.cpu_shim import local_process_group
+    with local_process_group():
+        tensors = dist_checkpointing.load_plain_tensors(str(ckpt))
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}

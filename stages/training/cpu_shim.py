@@ -14,10 +14,16 @@ only consulted for dropout and GPU-side init; our models run with dropout 0 and 
 CPU from the default torch generator, so nothing is lost.
 
 Both are idempotent. Never apply the shim in a process that uses a GPU.
+
+``local_process_group()`` gives code outside a torchrun worker (tests, converters) the world of one
+that Megatron's dataset builder and dist_checkpointing ask for (an in-process store, no port).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 
 _APPLIED = False
 
@@ -51,3 +57,16 @@ def init_cpu_rng_tracker() -> None:
 
 def is_applied() -> bool:
     return _APPLIED
+
+
+@contextlib.contextmanager
+def local_process_group():
+    """Run inside the current process group, or a temporary gloo world of one if there is none."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

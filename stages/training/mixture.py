@@ -19,7 +19,6 @@ of -1 (packed training samples are never padded, so no real token may be masked 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from stages.training.cpu_shim import local_process_group
 
 PAD_NONE = -1  # Megatron's "no pad token" id: never equal to a real token
 
@@ -42,19 +43,6 @@ class EodTokenizer:
         self.unique_identifiers = {"class": "EodTokenizer", "eod": self.eod, "pad": self.pad}
 
 
-@contextlib.contextmanager
-def _distributed():
-    """Yield inside a process group: the current one, or a temporary world of one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _build_dir(cache_dir: Path, description: dict) -> Path:
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / digest
@@ -62,7 +50,7 @@ def _build_dir(cache_dir: Path, description: dict) -> Path:
 
 def _build_once(cache_dir: Path, description: dict, build):
     """Run ``build(path)`` (collective) in a marker-guarded cache sub-directory."""
-    with _distributed():
+    with local_process_group():
         path = _build_dir(cache_dir, description)
         rank = dist.get_rank()
         if rank == 0 and path.exists() and not (path / ".complete").exists():

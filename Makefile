@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  `make demo` (install + run the tiny Granite pipeline)
+# and `make test` (install + run the tests). Both create .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ONLY   ?= data|tokenizer|tokenize|pretrain-.*
+STAMP  := $(VENV)/.installed
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/forge run pipeline=granite-4.1-tiny --only '$(ONLY)'
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/cached_rerun.py
+
+.PHONY: install demo test bench

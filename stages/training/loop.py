@@ -1,0 +1,371 @@
+"""One pretraining phase on Megatron-core: ``train_phase(config, inputs, out_dir, ctx) -> Artifact``.
+
+Build order (one function, ``train_phase``): distributed + model-parallel state (gloo on CPU, NCCL
+on GPU; a world of one when not under torchrun) -> threads and seeds -> model (``model.py``) ->
+AdamW (+ Megatron DDP when DP > 1) -> start state -> data (``mixture.py``) -> steps -> final
+checkpoint -> held-out loss -> artifact.
+
+Start state, in order of precedence:
+1. a complete checkpoint of this very stage in ``out_dir`` (``checkpoint.latest_complete``): resume
+   model, optimizer, step, tokens, data position and RNG; the result equals an uninterrupted run
+   bit for bit (deterministic data order, fp32 state saved exactly, same kernels);
+2. the parent phase's final checkpoint (``from``): weights, AdamW moments and step counter, and
+   the total token count (for the power schedule); the step counter, the schedule and the data
+   (this phase's own mixture, from sample 0) start fresh;
+3. a seeded random init (``config.seed``).
+
+A step: the global batch is samples ``[step * gbs, (step + 1) * gbs)`` of the phase's blend; DP
+rank r takes its contiguous slice, in micro-batches of ``micro_batch_size`` (gradient
+accumulation); the loss is the token mean over the global batch; gradients are all-reduced by
+Megatron's DDP, clipped by the global norm (TP-aware), and AdamW steps with ``lr_at(...)``.
+Rank 0 appends every step's loss to ``metrics.jsonl`` and prints a progress line every
+``log_interval`` steps. ``OMP_WAIT_POLICY`` is read when OpenMP loads: this module sets it to
+PASSIVE before torch is imported (FACTS.md: spinning threads are 2-6x slower on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (no-op if loaded)
+
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import warnings  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from stages.base import Artifact, RunContext, StageInput  # noqa: E402
+from stages.schema import to_dict  # noqa: E402
+from stages.training import checkpoint as ckpt  # noqa: E402
+from stages.training.model import build_model, causal_mask, padded_vocab_size, token_losses  # noqa: E402
+from stages.training.schedules import lr_at  # noqa: E402
+
+HELDOUT_SAMPLES = 64  # per source, at most
+# Megatron's import-time notices about optional GPU packages say nothing useful in a CPU worker log.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+@dataclasses.dataclass
+class Env:
+    device: str
+    rank: int
+    world: int
+    tp: int
+    dp: int
+    dp_rank: int
+
+
+def setup(cluster, seed: int) -> Env:
+    """Process group + Megatron model-parallel state + threads + seeds."""
+    from megatron.core import parallel_state as ps
+    device = cluster.device
+    if device == "cpu":
+        from stages.training.cpu_shim import apply_cpu_shim
+        apply_cpu_shim()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "gloo" if device == "cpu" else "nccl"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        dist.init_process_group(backend)
+    else:  # a plain process: a world of one, in-process store (no port to pick)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world != cluster.world_size:
+        raise RuntimeError(f"the worker runs with {world} processes but the cluster config asks for "
+                           f"{cluster.world_size} (tensor_parallel={cluster.tensor_parallel} x "
+                           f"data_parallel={cluster.data_parallel}); launch it with "
+                           f"torchrun --nproc_per_node={cluster.world_size}")
+    ps.initialize_model_parallel(tensor_model_parallel_size=cluster.tensor_parallel)
+    threads = cluster.threads_per_worker
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU init draws from here: the same weights for every TP size
+    if device == "cpu":
+        from stages.training.cpu_shim import init_cpu_rng_tracker
+        init_cpu_rng_tracker()
+    else:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(seed)
+    return Env(device=device, rank=dist.get_rank(), world=world, tp=cluster.tensor_parallel,
+               dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank())
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_optimizer(model, config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms), in model-parameter order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.schedule.lr, betas=(config.adam_beta1, config.adam_beta2),
+                             eps=config.adam_eps)
+
+
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the gradients (TP shards summed, TP-duplicated parameters counted once)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.detach().float().pow(2).sum()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    return sq.sqrt()
+
+
+def keep_metrics_upto(out_dir: Path, step: int) -> None:
+    """Drop metrics lines past ``step`` (written by a run that died before its next checkpoint)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def loss_summary(out_dir: Path, steps: int) -> dict[str, float]:
+    """Mean loss of the first and the last ~5% of the phase's steps, from metrics.jsonl."""
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            losses[row["step"]] = row["loss"]
+    n = max(1, round(0.05 * steps))
+    first = [losses[s] for s in range(1, n + 1) if s in losses]
+    last = [losses[s] for s in range(steps - n + 1, steps + 1) if s in losses]
+    return {"loss_first": float(np.mean(first)), "loss_last": float(np.mean(last))}
+
+
+def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage: str):
+    """Resume this stage, or continue the parent phase, or start fresh (see the module docstring)."""
+    found = [ckpt.latest_complete(out_dir) if env.rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)  # rank 0 decides, so every rank loads the same one
+    layout = dict(world_size=env.world, tensor_parallel=env.tp, data_parallel=env.dp)
+    if found[0] is not None:
+        state = ckpt.load_checkpoint(Path(found[0]), model, optimizer, restore_rng=True)
+        state = dataclasses.replace(state, **layout)
+        say(env, f"[{stage}] resuming from {found[0]} (step {state.step})")
+    elif config.from_ is not None:
+        parent = inputs[config.from_].path("checkpoint")
+        prev = ckpt.load_checkpoint(parent, model, optimizer)
+        state = ckpt.TrainState(tokens_total=prev.tokens_total, optimizer_steps=prev.optimizer_steps,
+                                **layout)
+        say(env, f"[{stage}] continuing from {config.from_} ({parent}, {prev.tokens_total} tokens)")
+    else:
+        state = ckpt.TrainState(**layout)
+    if env.rank == 0:
+        keep_metrics_upto(out_dir, state.step)
+    return state
+
+
+def say(env: Env, text: str) -> None:
+    if env.rank == 0:
+        print(text, flush=True)
+
+
+def phase_data(config, inputs: dict[str, StageInput], out_dir: Path):
+    """The phase's blend, its EOD id, and the held-out prefixes the data stage offers."""
+    from stages.training.mixture import build_blended_dataset
+    data = inputs[config.data]
+    extra = data.artifact.extra
+    if extra.get("vocab_size", 0) > config.model.vocab_size:
+        raise RuntimeError(f"the tokenizer's vocabulary ({extra['vocab_size']}) is larger than "
+                           f"model.vocab_size ({config.model.vocab_size})")
+    used = {s: w for s, w in config.mixture.items() if w > 0}
+    prefixes = {s: str(data.path(f"tokens/{s}")) for s in used}
+    dataset = build_blended_dataset(prefixes, used, config.seq_length,
+                                    config.steps * config.global_batch_size, config.seed,
+                                    int(extra["eod_id"]), out_dir / "data_cache")
+    heldout = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
+               if k.startswith("heldout/")}
+    return dataset, int(extra["eod_id"]), heldout
+
+
+def run_micro_batches(model, dataset, indices, mbs: int, mask, config, env: Env, train: bool):
+    """Forward (and backward when ``train``) over ``indices``; returns (sum of losses, tokens)."""
+    from stages.training.mixture import batch
+    total_loss = torch.zeros((), dtype=torch.float64)
+    chunks = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
+    masks = [batch(dataset, c) for c in chunks]
+    denom = max(1.0, float(sum(m[2].sum() for m in masks)))
+    for tokens, labels, loss_mask in masks:
+        tokens, labels, loss_mask = (t.to(env.device) for t in (tokens, labels, loss_mask))
+        with torch.set_grad_enabled(train):
+            losses = token_losses(model, tokens, labels, mask, config.precision, env.device)
+            summed = (losses * loss_mask).sum()
+        if train:
+            (summed / denom).backward()
+        total_loss += summed.detach().double().cpu()
+    return total_loss, denom
+
+
+def dp_sum(values: list[float], env: Env) -> list[float]:
+    from megatron.core import parallel_state as ps
+    if env.dp == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)  # NCCL wants cuda tensors
+    dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return t.tolist()
+
+
+def heldout_losses(model, heldout: dict[str, str], eod_id: int, config, env: Env, out_dir: Path,
+                   mask) -> dict[str, float]:
+    from stages.training.mixture import build_heldout_dataset
+    out = {}
+    model.eval()
+    for src, prefix in heldout.items():
+        ds = build_heldout_dataset(prefix, config.seq_length, config.seed, eod_id, out_dir / "data_cache")
+        n = min(len(ds), HELDOUT_SAMPLES)
+        mine = list(range(env.dp_rank, n, env.dp))
+        mbs = config.micro_batch_size or max(1, config.global_batch_size // env.dp)
+        loss, toks = run_micro_batches(model, ds, mine, mbs, mask, config, env, train=False) \
+            if mine else (0.0, 0.0)
+        loss, toks = dp_sum([float(loss), float(toks) if mine else 0.0], env)
+        if toks > 0:
+            out[f"heldout_loss/{src}"] = loss / toks
+    model.train()
+    if out:
+        out["heldout_loss"] = float(np.mean(list(out.values())))
+    return out
+
+
+def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str) -> Path:
+    t0 = time.time()
+    path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints)
+    say(env, f"[{stage}] saved {path.name} ({time.time() - t0:.1f}s)")
+    return path
+
+
+def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> Artifact:
+    """Train one phase (see the module docstring); every rank calls it, rank 0's artifact counts."""
+    from stages.pretrain import require_fp8_runtime
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    require_fp8_runtime(config.precision, f"stages.{ctx.stage}.precision")  # before any compute
+    ckpt.prewarm_writer()  # overlaps the set-up below
+    env = setup(ctx.cluster, config.seed)
+    try:
+        return _train(config, inputs, out_dir, ctx, env, t_start)
+    finally:
+        teardown()
+        # The worker exits next: spare the interpreter's final garbage collection over Megatron's
+        # imports (~1.2 s per stage on this CPU). Objects stay freed by reference counting.
+        gc.freeze()
+
+
+def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: float) -> Artifact:
+    stage, steps, gbs, seq = ctx.stage, config.steps, config.global_batch_size, config.seq_length
+    if gbs % env.dp:
+        raise RuntimeError(f"global_batch_size {gbs} is not divisible by data_parallel={env.dp}")
+    local = gbs // env.dp
+    mbs = config.micro_batch_size or local
+    if local % mbs:
+        raise RuntimeError(f"micro_batch_size {mbs} does not divide the per-rank batch {local}")
+    model = build_model(config.model, config.precision, device=env.device, tensor_parallel=env.tp)
+    optimizer = make_optimizer(model, config)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = start_state(config, inputs, out_dir, model, optimizer, env, stage)
+    ddp = None
+    if env.dp > 1:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            overlap_grad_reduce=False, use_distributed_optimizer=False, grad_reduce_in_fp32=True),
+            model)
+    net = ddp or model
+    dataset, eod_id, heldout = phase_data(config, inputs, out_dir)
+    mask = causal_mask(seq, env.device)
+    startup_s = time.time() - t_start
+    say(env, f"[{stage}] start-up {startup_s:.1f}s; {steps} steps of {gbs}x{seq} tokens, "
+             f"TP={env.tp} DP={env.dp}, from step {state.step}")
+
+    net.train()
+    train_time, train_tokens, time_log, tok_log = 0.0, 0, 0.0, 0
+    while state.step < steps:
+        t0 = time.time()
+        lr = lr_at(config.schedule, state.step, steps, state.tokens_total)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if ddp is not None:
+            ddp.zero_grad_buffer()
+        optimizer.zero_grad(set_to_none=True)
+        first = state.consumed_samples + env.dp_rank * local
+        loss_sum, toks = run_micro_batches(net, dataset, list(range(first, first + local)), mbs,
+                                           mask, config, env, train=True)
+        if ddp is not None:
+            ddp.finish_grad_sync()
+            for p in params:
+                p.grad = p.main_grad
+        norm = grad_norm(params)
+        if config.grad_clip > 0:
+            coef = config.grad_clip / (float(norm) + 1e-6)
+            if coef < 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        optimizer.step()
+        loss_sum, toks = dp_sum([float(loss_sum), toks], env)
+        loss = loss_sum / toks
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"[{stage}] loss is {loss} at step {state.step + 1}")
+        state.step += 1
+        state.consumed_samples += gbs
+        state.tokens_phase += gbs * seq
+        state.tokens_total += gbs * seq
+        state.optimizer_steps += 1
+        dt = time.time() - t0
+        train_time += dt
+        train_tokens += gbs * seq
+        if env.rank == 0:
+            ctx.metric(out_dir, state.step, loss=loss, lr=lr, tokens=state.tokens_total,
+                       grad_norm=float(norm), tokens_per_s=gbs * seq / dt)
+        if state.step % max(1, config.log_interval) == 0 or state.step == steps:
+            rate = (train_tokens - tok_log) / max(train_time - time_log, 1e-9)  # saves excluded
+            eta = (steps - state.step) * gbs * seq / max(rate, 1e-9)
+            say(env, f"[{stage}] step {state.step}/{steps} loss {loss:.3f} lr {lr:.1e} "
+                     f"tok/s {rate:.0f} eta {eta:.0f}s")
+            time_log, tok_log = train_time, train_tokens
+        if state.step < steps and config.checkpoint_interval and \
+                state.step % config.checkpoint_interval == 0:
+            save(out_dir, model, optimizer, state, config, env, stage)
+
+    final = out_dir / ckpt.CHECKPOINTS / ckpt.iter_name(steps)
+    if not ckpt.is_complete(final, verify=False):
+        final = save(out_dir, model, optimizer, state, config, env, stage)
+    t0 = time.time()
+    metrics = heldout_losses(model, heldout, eod_id, config, env, out_dir, mask) if heldout else {}
+    if heldout:
+        say(env, f"[{stage}] held-out loss {metrics.get('heldout_loss', float('nan')):.3f} "
+                 f"({time.time() - t0:.1f}s)")
+    if env.rank == 0:
+        metrics.update(loss_summary(out_dir, steps))
+    metrics.update(tokens_per_s=train_tokens / train_time if train_time else 0.0, steps=float(steps),
+                   tokens_total=float(state.tokens_total), startup_s=startup_s)
+    extra = {"model": to_dict(config.model), "tokens_total": state.tokens_total,
+             "tokens_phase": state.tokens_phase, "world_size": env.world,
+             "tensor_parallel": env.tp, "data_parallel": env.dp,
+             "padded_vocab_size": padded_vocab_size(config.model.vocab_size),
+             "parent": config.from_}
+    return Artifact(kind="pretrain", stage=stage, key=ctx.key,
+                    outputs={"checkpoint": f"{ckpt.CHECKPOINTS}/{final.name}"},
+                    metrics=metrics, extra=extra)

@@ -1,0 +1,46 @@
+"""Helpers shared by integration tests and benchmarks: run the real CLI, read run results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def forge(*args: str, store: Path, env: dict | None = None, timeout: int = 600,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess against ``store``."""
+    full_env = dict(os.environ, FORGE_STORE=str(store), OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                         env=full_env, cwd=ROOT, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"forge {' '.join(args)} exited {out.returncode}\n--- stdout\n"
+                             f"{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-4000:]}")
+    return out
+
+
+def last_result(store: Path) -> dict:
+    results = sorted((store / "runs").glob("*.result.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(results[-1].read_text())
+
+
+def executed(result: dict) -> set[str]:
+    return {n for n, r in result["stages"].items() if r.get("executed")}
+
+
+ONLY_BUILT = "data|tokenizer|tokenize|pretrain-.*"
+# The tiny pipeline made smaller still, so integration tests take seconds per stage.
+SMALL = [
+    "stages.data.sources.web.documents=300", "stages.data.sources.code.documents=200",
+    "stages.data.sources.math.documents=200", "stages.data.sources.technical.documents=200",
+    "stages.data.sources.chat.documents=200", "stages.data.sources.long.documents=10",
+    "stages.pretrain-1.tokens=40960", "stages.pretrain-2.tokens=20480",
+    "stages.pretrain-3.tokens=20480", "stages.pretrain-4.tokens=20480",
+    "stages.pretrain-1.schedule.warmup_steps=4",
+    "stages.pretrain-1.checkpoint_interval=5", "stages.pretrain-2.checkpoint_interval=5",
+    "stages.pretrain-3.checkpoint_interval=5", "stages.pretrain-4.checkpoint_interval=5",
+]
