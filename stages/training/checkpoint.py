@@ -9,10 +9,10 @@ Layout of ``<out_dir>/checkpoints/iter_XXXXXXX/`` (XXXXXXX = optimizer steps don
 - ``state.json``: ``TrainState`` (phase step, tokens of the phase and in total, consumed samples,
   AdamW's step counter, the parallel layout);
 - ``rng/rank_XXXXX.pt``: python, numpy and torch (and cuda) RNG states of each rank;
-- ``done.json``, written last: the sha256 and size of every other file, and the state.
+- ``done`` (JSON), written last: the sha256 and size of every other file, and the state.
 
 A save writes into ``checkpoints/.tmp-iter_XXXXXXX``, renames it into place, then writes
-``done.json`` atomically (tmp file + rename). A directory without a valid ``done.json`` is never
+``done`` atomically (tmp file + rename). A directory without a valid ``done`` is never
 taken as complete (``latest_complete``) and is removed by the next save. Pruning keeps the newest
 ``keep`` complete checkpoints (so the final one, the newest, always stays).
 
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from stages.base import file_digest
 
 CHECKPOINTS = "checkpoints"
-DONE = "done.json"
+DONE = "done"  # JSON manifest; its presence (and validity) marks a complete checkpoint
 STATE = "state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -82,7 +82,7 @@ def _files(ckpt: Path) -> list[Path]:
 
 
 def is_complete(ckpt: Path, verify: bool = True) -> bool:
-    """True if ``done.json`` is valid and every file it lists is there (with its sha256 if verify)."""
+    """True if ``done`` is valid and every file it lists is there (with its sha256 if verify)."""
     try:
         manifest = json.loads((Path(ckpt) / DONE).read_text())
         files = manifest["files"]
@@ -126,7 +126,9 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
 def _sharded_state(model, optimizer: torch.optim.Optimizer | None, *, for_load: bool) -> dict:
     """{"model": ..., "optimizer": {moment: {index: ShardedTensor}}} for save or load."""
     from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor)
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+    )
     model_sd = model.sharded_state_dict()
     out = {"model": model_sd}
     if optimizer is None:
@@ -186,10 +188,11 @@ def prewarm_writer() -> None:
     def warm():
         try:
             import multiprocessing as mp
+            from multiprocessing.managers import SyncManager
+
             from torch.distributed.checkpoint.filesystem import _StorageInfo
             from torch.distributed.checkpoint.metadata import MetadataIndex
             from torch.distributed.checkpoint.storage import WriteResult
-            from multiprocessing.managers import SyncManager
             manager = SyncManager(ctx=mp.get_context("spawn"))  # what Megatron would create...
             manager.start(_exit_with_parent)  # ...but one that does not outlive a killed worker
             queue = manager.Queue()
@@ -295,10 +298,11 @@ def load_checkpoint(ckpt: Path, model, optimizer: torch.optim.Optimizer | None,
     return state
 
 
-def read_tensors(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+def load_tensors(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every full tensor of a checkpoint whose key starts with ``prefix`` (e.g. "optimizer."), by
     sharded key; model weights have no prefix. Runs outside a worker too (a world of one)."""
     from megatron.core import dist_checkpointing
+
     from stages.training.cpu_shim import local_process_group
     with local_process_group():
         tensors = dist_checkpointing.load_plain_tensors(str(ckpt))

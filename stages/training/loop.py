@@ -14,10 +14,12 @@ Start state, in order of precedence:
    (this phase's own mixture, from sample 0) start fresh;
 3. a seeded random init (``config.seed``).
 
-A step: the global batch is samples ``[step * gbs, (step + 1) * gbs)`` of the phase's blend; DP
-rank r takes its contiguous slice, in micro-batches of ``micro_batch_size`` (gradient
-accumulation); the loss is the token mean over the global batch; gradients are all-reduced by
-Megatron's DDP, clipped by the global norm (TP-aware), and AdamW steps with ``lr_at(...)``.
+A step (``step.train_step``): the global batch is samples ``[step * gbs, (step + 1) * gbs)`` of
+the phase's blend; DP rank r takes its contiguous slice, in micro-batches of ``micro_batch_size``
+(gradient accumulation); the loss is the token mean over the global batch; gradients are
+all-reduced by Megatron's DDP, clipped by the global norm (TP-aware), and AdamW steps with
+``schedules.lr_at(...)``. Checkpoints: ``checkpoint.py``, every ``checkpoint_interval`` steps and
+at the end.
 Rank 0 appends every step's loss to ``metrics.jsonl`` and prints a progress line every
 ``log_interval`` steps. ``OMP_WAIT_POLICY`` is read when OpenMP loads: this module sets it to
 PASSIVE before torch is imported (FACTS.md: spinning threads are 2-6x slower on 2 cores).
@@ -30,11 +32,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
-import warnings  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -44,24 +46,16 @@ import torch.distributed as dist  # noqa: E402
 from stages.base import Artifact, RunContext, StageInput  # noqa: E402
 from stages.schema import to_dict  # noqa: E402
 from stages.training import checkpoint as ckpt  # noqa: E402
-from stages.training.model import build_model, causal_mask, padded_vocab_size, token_losses  # noqa: E402
+from stages.training.model import build_model, causal_mask, padded_vocab_size  # noqa: E402
 from stages.training.schedules import lr_at  # noqa: E402
+from stages.training.step import Env, heldout_losses, make_optimizer, train_step  # noqa: E402
 
-HELDOUT_SAMPLES = 64  # per source, at most
 # Megatron's import-time notices about optional GPU packages say nothing useful in a CPU worker log.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
-
-
-@dataclasses.dataclass
-class Env:
-    device: str
-    rank: int
-    world: int
-    tp: int
-    dp: int
-    dp_rank: int
+warnings.filterwarnings("ignore", category=FutureWarning,  # ShardedTensor/load_state_dict notices
+                        module=r"(megatron\.core\.dist_checkpointing|torch\.distributed\.checkpoint)")
 
 
 def setup(cluster, seed: int) -> Env:
@@ -101,32 +95,11 @@ def setup(cluster, seed: int) -> Env:
 
 
 def teardown() -> None:
+    """Destroy Megatron's model-parallel groups and the default process group."""
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def make_optimizer(model, config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms), in model-parameter order."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.schedule.lr, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_eps)
-
-
-def grad_norm(params) -> torch.Tensor:
-    """Global L2 norm of the gradients (TP shards summed, TP-duplicated parameters counted once)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-            sq += p.grad.detach().float().pow(2).sum()
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
-    return sq.sqrt()
 
 
 def keep_metrics_upto(out_dir: Path, step: int) -> None:
@@ -154,7 +127,8 @@ def loss_summary(out_dir: Path, steps: int) -> dict[str, float]:
     n = max(1, round(0.05 * steps))
     first = [losses[s] for s in range(1, n + 1) if s in losses]
     last = [losses[s] for s in range(steps - n + 1, steps + 1) if s in losses]
-    return {"loss_first": float(np.mean(first)), "loss_last": float(np.mean(last))}
+    out = {"loss_first": float(np.mean(first))} if first else {}
+    return out | ({"loss_last": float(np.mean(last))} if last else {})
 
 
 def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage: str):
@@ -180,6 +154,7 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
 
 
 def say(env: Env, text: str) -> None:
+    """Print on rank 0 only, flushed (the orchestrator streams worker output line by line)."""
     if env.rank == 0:
         print(text, flush=True)
 
@@ -202,55 +177,8 @@ def phase_data(config, inputs: dict[str, StageInput], out_dir: Path):
     return dataset, int(extra["eod_id"]), heldout
 
 
-def run_micro_batches(model, dataset, indices, mbs: int, mask, config, env: Env, train: bool):
-    """Forward (and backward when ``train``) over ``indices``; returns (sum of losses, tokens)."""
-    from stages.training.mixture import batch
-    total_loss = torch.zeros((), dtype=torch.float64)
-    chunks = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
-    masks = [batch(dataset, c) for c in chunks]
-    denom = max(1.0, float(sum(m[2].sum() for m in masks)))
-    for tokens, labels, loss_mask in masks:
-        tokens, labels, loss_mask = (t.to(env.device) for t in (tokens, labels, loss_mask))
-        with torch.set_grad_enabled(train):
-            losses = token_losses(model, tokens, labels, mask, config.precision, env.device)
-            summed = (losses * loss_mask).sum()
-        if train:
-            (summed / denom).backward()
-        total_loss += summed.detach().double().cpu()
-    return total_loss, denom
-
-
-def dp_sum(values: list[float], env: Env) -> list[float]:
-    from megatron.core import parallel_state as ps
-    if env.dp == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)  # NCCL wants cuda tensors
-    dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return t.tolist()
-
-
-def heldout_losses(model, heldout: dict[str, str], eod_id: int, config, env: Env, out_dir: Path,
-                   mask) -> dict[str, float]:
-    from stages.training.mixture import build_heldout_dataset
-    out = {}
-    model.eval()
-    for src, prefix in heldout.items():
-        ds = build_heldout_dataset(prefix, config.seq_length, config.seed, eod_id, out_dir / "data_cache")
-        n = min(len(ds), HELDOUT_SAMPLES)
-        mine = list(range(env.dp_rank, n, env.dp))
-        mbs = config.micro_batch_size or max(1, config.global_batch_size // env.dp)
-        loss, toks = run_micro_batches(model, ds, mine, mbs, mask, config, env, train=False) \
-            if mine else (0.0, 0.0)
-        loss, toks = dp_sum([float(loss), float(toks) if mine else 0.0], env)
-        if toks > 0:
-            out[f"heldout_loss/{src}"] = loss / toks
-    model.train()
-    if out:
-        out["heldout_loss"] = float(np.mean(list(out.values())))
-    return out
-
-
 def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str) -> Path:
+    """Checkpoint (collective) and say how long it took."""
     t0 = time.time()
     path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints)
     say(env, f"[{stage}] saved {path.name} ({time.time() - t0:.1f}s)")
@@ -264,8 +192,8 @@ def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunCo
     out_dir = Path(out_dir)
     require_fp8_runtime(config.precision, f"stages.{ctx.stage}.precision")  # before any compute
     ckpt.prewarm_writer()  # overlaps the set-up below
-    env = setup(ctx.cluster, config.seed)
     try:
+        env = setup(ctx.cluster, config.seed)
         return _train(config, inputs, out_dir, ctx, env, t_start)
     finally:
         teardown()
@@ -284,7 +212,6 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
         raise RuntimeError(f"micro_batch_size {mbs} does not divide the per-rank batch {local}")
     model = build_model(config.model, config.precision, device=env.device, tensor_parallel=env.tp)
     optimizer = make_optimizer(model, config)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     state = start_state(config, inputs, out_dir, model, optimizer, env, stage)
     ddp = None
     if env.dp > 1:
@@ -300,32 +227,14 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
              f"TP={env.tp} DP={env.dp}, from step {state.step}")
 
     net.train()
+    resumed_at_end = state.step == steps
     train_time, train_tokens, time_log, tok_log = 0.0, 0, 0.0, 0
     while state.step < steps:
         t0 = time.time()
         lr = lr_at(config.schedule, state.step, steps, state.tokens_total)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        if ddp is not None:
-            ddp.zero_grad_buffer()
-        optimizer.zero_grad(set_to_none=True)
         first = state.consumed_samples + env.dp_rank * local
-        loss_sum, toks = run_micro_batches(net, dataset, list(range(first, first + local)), mbs,
-                                           mask, config, env, train=True)
-        if ddp is not None:
-            ddp.finish_grad_sync()
-            for p in params:
-                p.grad = p.main_grad
-        norm = grad_norm(params)
-        if config.grad_clip > 0:
-            coef = config.grad_clip / (float(norm) + 1e-6)
-            if coef < 1.0:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-        optimizer.step()
-        loss_sum, toks = dp_sum([float(loss_sum), toks], env)
-        loss = loss_sum / toks
+        loss, norm = train_step(net, ddp, optimizer, dataset, range(first, first + local), mbs, lr,
+                                mask, config, env)
         if not math.isfinite(loss):
             raise FloatingPointError(f"[{stage}] loss is {loss} at step {state.step + 1}")
         state.step += 1
@@ -334,23 +243,21 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
         state.tokens_total += gbs * seq
         state.optimizer_steps += 1
         dt = time.time() - t0
-        train_time += dt
-        train_tokens += gbs * seq
+        train_time, train_tokens = train_time + dt, train_tokens + gbs * seq
         if env.rank == 0:
             ctx.metric(out_dir, state.step, loss=loss, lr=lr, tokens=state.tokens_total,
-                       grad_norm=float(norm), tokens_per_s=gbs * seq / dt)
+                       grad_norm=norm, tokens_per_s=gbs * seq / dt)
         if state.step % max(1, config.log_interval) == 0 or state.step == steps:
             rate = (train_tokens - tok_log) / max(train_time - time_log, 1e-9)  # saves excluded
-            eta = (steps - state.step) * gbs * seq / max(rate, 1e-9)
             say(env, f"[{stage}] step {state.step}/{steps} loss {loss:.3f} lr {lr:.1e} "
-                     f"tok/s {rate:.0f} eta {eta:.0f}s")
+                     f"tok/s {rate:.0f} eta {(steps - state.step) * gbs * seq / rate:.0f}s")
             time_log, tok_log = train_time, train_tokens
         if state.step < steps and config.checkpoint_interval and \
                 state.step % config.checkpoint_interval == 0:
             save(out_dir, model, optimizer, state, config, env, stage)
 
-    final = out_dir / ckpt.CHECKPOINTS / ckpt.iter_name(steps)
-    if not ckpt.is_complete(final, verify=False):
+    final = out_dir / ckpt.CHECKPOINTS / ckpt.iter_name(steps)  # loaded already if resumed_at_end
+    if not resumed_at_end:
         final = save(out_dir, model, optimizer, state, config, env, stage)
     t0 = time.time()
     metrics = heldout_losses(model, heldout, eod_id, config, env, out_dir, mask) if heldout else {}

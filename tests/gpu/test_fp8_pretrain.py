@@ -67,7 +67,8 @@ def train(data: Path, out: Path, precision: dict) -> dict[int, float]:
                                     "artifact": dataclasses.asdict(read_artifact(data))}},
             "out_dir": str(out), "cluster": {"device": "cuda"}, "seed": 1234}
     (out / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-m", "stages.worker", str(out / "spec.json")], cwd=REPO,
                           env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=600)

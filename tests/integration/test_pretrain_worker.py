@@ -114,9 +114,9 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 def final_tensors(out_dir: Path) -> dict:
-    from stages.training.checkpoint import read_tensors
+    from stages.training.checkpoint import load_tensors
     art = read_artifact(out_dir)
-    return read_tensors(out_dir / art.outputs["checkpoint"])
+    return load_tensors(out_dir / art.outputs["checkpoint"])
 
 
 # ------------------------------------------------------------------ fixtures
@@ -181,7 +181,7 @@ def test_sigkill_then_resume_is_bit_identical(phase_a, data):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:
-        while not list((out / "checkpoints").glob("iter_*/done.json")):
+        while not list((out / "checkpoints").glob("iter_*/done")):
             assert proc.poll() is None, "the worker ended before its first checkpoint"
             assert time.time() < deadline
             time.sleep(0.01)
@@ -258,7 +258,7 @@ def test_only_complete_checkpoints_count(phase_a, tmp_path):
     root = tmp_path / "checkpoints"
     assert latest_complete(tmp_path) == root / "iter_0000120"
     (root / ".tmp-iter_0000140").mkdir()  # a save killed before its rename
-    (root / "iter_0000140").mkdir()  # renamed, killed before done.json
+    (root / "iter_0000140").mkdir()  # renamed, killed before its done marker
     (root / "iter_0000140" / "common.pt").write_bytes(b"x")
     assert latest_complete(tmp_path) == root / "iter_0000120"
     shard = sorted((root / "iter_0000120").glob("*.distcp"))[0]
@@ -268,7 +268,7 @@ def test_only_complete_checkpoints_count(phase_a, tmp_path):
     assert is_complete(root / "iter_0000120", verify=False)
     assert not is_complete(root / "iter_0000120", verify=True)
     assert latest_complete(tmp_path) == root / "iter_0000100"
-    (root / "iter_0000100" / "done.json").unlink()
+    (root / "iter_0000100" / "done").unlink()
     assert latest_complete(tmp_path) is None
 
 
@@ -289,9 +289,9 @@ def test_checkpoint_round_trip_restores_weights_and_adamw_state(tmp_path):
             torch.manual_seed(0)
             model = build_model(spec, precision, device="cpu")
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            tokens = torch.randint(1, VOCAB, (4, SEQ))
+            tokens, mask = torch.randint(1, VOCAB, (4, SEQ)), causal_mask(SEQ, "cpu")
             for _ in range(3):
-                token_losses(model, tokens, tokens, causal_mask(SEQ, "cpu"), precision, "cpu").mean().backward()
+                token_losses(model, tokens, tokens, mask, precision, "cpu").mean().backward()
                 opt.step()
                 opt.zero_grad()
             state = TrainState(step=3, tokens_phase=768, tokens_total=1768, consumed_samples=12,
