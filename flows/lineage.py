@@ -44,6 +44,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _dataset_name(d: dict) -> str:
+    split = d.get("split", "train")
+    return f"{d['stage']}/{d['name']}" + ("" if split == "train" else f" ({split})")
+
+
 class Lineage:
     def __init__(self, uri: str, experiment: str):
         import mlflow
@@ -101,7 +106,7 @@ class Lineage:
             self.client.log_batch(rid, params=params[i:i + 100])
         self._log_metrics(rid, node.out_dir / "metrics.jsonl", artifact.metrics)
 
-        datasets = [DatasetInput(Dataset(name=f"{d.get('stage', node.name)}/{d['name']}",
+        datasets = [DatasetInput(Dataset(name=_dataset_name(d),
                                          digest=str(d["digest"])[:36], source_type="local",
                                          source=json.dumps({"uri": Path(d["path"]).as_uri()})),
                                  [InputTag("mlflow.data.context", d.get("split", "train"))])
@@ -142,15 +147,18 @@ class Lineage:
 
     @staticmethod
     def _input_datasets(node: Any, artifact: Artifact, upstream: dict[str, Artifact]) -> list[dict]:
-        """A data stage's own datasets; a training stage's token sources from its `data` parent."""
-        if node.kind not in MODEL_KINDS:
+        """What the stage read: a source stage its own sources; a training stage the token files
+        of its mixture; any other stage its parents' datasets."""
+        if not upstream:
             return [dict(d, stage=node.name) for d in artifact.datasets]
-        mixture = getattr(node.config, "mixture", None) or {}
-        data_parent = getattr(node.config, "data", None)
-        if data_parent is None or data_parent not in upstream:
-            return []
-        return [dict(d, stage=data_parent) for d in upstream[data_parent].datasets
-                if d["name"] in mixture and d.get("split", "train") == "train"]
+        if node.kind in MODEL_KINDS:
+            mixture = getattr(node.config, "mixture", None) or {}
+            data_parent = getattr(node.config, "data", None)
+            if data_parent not in upstream:
+                return []
+            return [dict(d, stage=data_parent) for d in upstream[data_parent].datasets
+                    if d["name"] in mixture and d.get("split", "train") == "train"]
+        return [dict(d, stage=p) for p, art in upstream.items() for d in art.datasets]
 
     @staticmethod
     def _manifest(node: Any, ckpt: Path, artifact: Artifact) -> Path:

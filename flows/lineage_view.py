@@ -21,12 +21,13 @@ def print_lineage(dag: Dag, stage: str) -> int:
         if not runs:
             print(f"{pad}? key {key[:12]}: no MLflow run records it (run the stage first)")
             return False
-        run = runs[0]
+        run = lineage.client.get_run(runs[0].info.run_id)  # search results omit model inputs/outputs
         tags = run.data.tags
+        if key in seen:
+            print(f"{pad}{tags.get('forge.stage')} (see above)")
+            return True
         print(f"{pad}{tags.get('forge.stage')} [{tags.get('forge.kind')}] key {key[:12]} "
               f"run {run.info.run_id} commit {tags.get('mlflow.source.git.commit', '?')[:10]}")
-        if key in seen:
-            return True
         seen.add(key)
         for out in (run.outputs.model_outputs if run.outputs else []):
             model = lineage.client.get_logged_model(out.model_id)

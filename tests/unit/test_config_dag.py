@@ -180,3 +180,14 @@ def test_sweep_expansion():
     a, b = (keys(dag_for(*c)) for c in combos)
     assert {n for n in a if a[n] != b[n]} == {n for n in a if n == "pretrain-4" or
                                               "pretrain-4" in dag_for().ancestors(n)}
+
+
+def test_fp8_on_a_machine_without_gpu_stops_before_compute(tmp_path):
+    """A GPU cluster config with FP8 passes static validation, then fails on this CPU machine."""
+    env = dict(os.environ, FORGE_STORE=str(tmp_path / "store"))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "cluster=gpu-node",
+                          "stages.pretrain-1.precision.fp8=delayed", "--only", "pretrain-1"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "stages.pretrain-1.precision.fp8: FP8 (delayed) asked for, but no GPU is visible" in out.stderr
+    assert not (tmp_path / "store").exists()
