@@ -9,6 +9,7 @@ stage's output dir (artifact.json, metrics.jsonl), so MLflow is a view, not the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
@@ -47,6 +48,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 def _dataset_name(d: dict) -> str:
     split = d.get("split", "train")
     return f"{d['stage']}/{d['name']}" + ("" if split == "train" else f" ({split})")
+
+
+@functools.lru_cache(maxsize=None)
+def lineage_for(uri: str, experiment: str) -> "Lineage":
+    """One client per tracking store and process (opening a sqlite store costs ~0.5 s)."""
+    return Lineage(uri, experiment)
 
 
 class Lineage:

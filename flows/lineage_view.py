@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 
 from flows.dag import Dag
-from flows.lineage import TAG_KEY, Lineage
+from flows.lineage import TAG_KEY, lineage_for
 
 
 def print_lineage(dag: Dag, stage: str) -> int:
     if stage not in dag.nodes:
         print(f"forge: no stage {stage!r}; stages: {', '.join(dag.nodes)}")
         return 2
-    lineage = Lineage(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+    lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
     seen: set[str] = set()
 
     def walk(key: str, depth: int) -> bool:

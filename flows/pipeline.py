@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from flows.config import typed
 from flows.dag import Dag, Node, build
 from flows.launch import StageFailed, run_worker, stage_lock
-from flows.lineage import Lineage
+from flows.lineage import lineage_for
 from flows.plan import Step, complete, make_plan, write_stage_record
 from stages.base import ARTIFACT_FILE, read_artifact
 from stages.schema import to_dict
@@ -68,7 +68,7 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         if artifact is None or artifact.key != key:
             raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
                               node.out_dir / "worker.log")
-        lineage = Lineage(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+        lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
         upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
         mlflow_run = lineage.record_stage(parent_run, dag.pipeline.name, node, config, artifact,
                                           parent_keys, upstream)
@@ -87,7 +87,7 @@ def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: f
 def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     logger = get_run_logger()
     spec, dag, steps = load_run(run_file)
-    lineage = Lineage(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+    lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
     parent_run = lineage.start_pipeline(dag.pipeline.name, spec["resolved"], spec["overrides"],
                                         str(flow_run.get_id()))
     records: dict[str, dict] = {}

@@ -85,8 +85,8 @@ def init_stores(prep: Prepared) -> None:
         if not os.environ.get("PREFECT_API_URL"):
             from prefect.server.database import provide_database_interface
             asyncio.run(provide_database_interface().create_db())
-        from flows.lineage import Lineage
-        Lineage(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment)
+        from flows.lineage import lineage_for
+        lineage_for(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment)
 
 
 def write_run_file(prep: Prepared) -> Path:
