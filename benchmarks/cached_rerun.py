@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import ONLY_BUILT, SMALL  # noqa: E402  (the integration tests' small pipeline)
+from tests.helpers import ONLY_BUILT, SMALL, start_prefect_server  # noqa: E402
 
 BARE_FLOW = textwrap.dedent("""
     import sys
@@ -45,28 +45,6 @@ def timed(cmd: list[str], env: dict) -> float:
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return time.perf_counter() - t0
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("prefect server did not start")
 
 
 def main() -> None:
@@ -95,7 +73,8 @@ def main() -> None:
         server = None
         env_f, env_b = dict(base), dict(base)
         if mode == "server":
-            server, url = start_server(work / "server-home")
+            (work / "server-home").mkdir()
+            server, url = start_prefect_server(work / "server-home")
             env_f["PREFECT_API_URL"] = env_b["PREFECT_API_URL"] = url
         f_times, b_times = [], []
         for i in range(args.repeats):

@@ -101,7 +101,7 @@ class Lineage:
     def record_stage(self, parent_run: str, pipeline: str, node: Any, config: dict, artifact: Artifact,
                      parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> str:
         from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
             "mlflow.parentRunId": parent_run, TAG_KEY: node.key, TAG_STAGE: node.name,

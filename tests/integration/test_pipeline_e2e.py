@@ -5,16 +5,12 @@ One store is built once for the module; later tests rerun against it and check w
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONLY_BUILT, ROOT, SMALL, executed, forge, last_result
+from tests.helpers import ONLY_BUILT, SMALL, executed, forge, last_result
 
 pytestmark = pytest.mark.slow
 PHASES = ["pretrain-1", "pretrain-2", "pretrain-3", "pretrain-4"]
@@ -139,3 +135,18 @@ def test_multirun_over_a_downstream_field_shares_upstream_stages(built):
     assert keys[0] != keys[1]
     for r in results:
         assert r["stages"]["pretrain-3"]["key"] == first["stages"]["pretrain-3"]["key"]
+
+
+def test_status_and_forced_rerun(built):
+    store, _, first = built
+    out = forge("status", *SMALL, store=store)
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    assert all("complete" in lines[s] for s in DATA + PHASES)
+    assert "not run" in lines["extend-1"]
+    old_dir = Path(first["stages"]["pretrain-4"]["out_dir"])
+    old_artifact = (old_dir / "artifact.json").read_text()
+    forge("run", *SMALL, "--rerun", "pretrain-4", "--only", "pretrain-4", store=store)
+    assert executed(last_result(store)) == {"pretrain-4"}
+    kept = list(store.glob(f"{old_dir.name}.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "artifact.json").read_text() == old_artifact
+    assert (old_dir / "artifact.json").exists()

@@ -18,7 +18,6 @@ LONGER = SMALL + ["stages.pretrain-1.tokens=81920"]   # 40 steps, checkpoints ev
 
 
 def final_state(store: Path) -> dict:
-    import torch
     from stages.training.checkpoint import load_tensors
     rec = last_result(store)["stages"]["pretrain-1"]
     return load_tensors(Path(rec["out_dir"]) / rec["outputs"]["checkpoint"])
