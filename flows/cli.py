@@ -70,13 +70,13 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import runner
     combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
-    for c in combos:  # validate every combination before anything runs
-        runner.prepare(c, args.only, tuple(args.rerun))
+    preps = [runner.prepare(c, args.only, tuple(args.rerun)) for c in combos]  # validate all first
     code = 0
     for i, combo in enumerate(combos):
+        prep = preps[i]
         if len(combos) > 1:
             print(f"\n=== multirun {i + 1}/{len(combos)}: {' '.join(combo)}")
-        prep = runner.prepare(combo, args.only, tuple(args.rerun))  # sees what earlier runs made
+            prep = runner.prepare(combo, args.only, tuple(args.rerun))  # sees what earlier runs made
         print(runner.plan_text(prep), flush=True)
         t0 = time.time()
         try:
