@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,10 @@ class Lineage:
         return run_id
 
     # -- stages -----------------------------------------------------------------------------
-    def record_stage(self, parent_run: str, pipeline: str, node: Any, config: dict, artifact: Artifact,
-                     parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> str:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
-        from mlflow.entities import Param, RunTag
-
+    def start_stage(self, parent_run: str, pipeline: str, node: Any, config: dict,
+                    parent_keys: dict[str, str]) -> str:
+        """Open the stage's child run before its worker starts (metrics stream in meanwhile)."""
+        from mlflow.entities import Param
         run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
             "mlflow.parentRunId": parent_run, TAG_KEY: node.key, TAG_STAGE: node.name,
             TAG_KIND: node.kind, TAG_PIPELINE: pipeline, "forge.out_dir": str(node.out_dir),
@@ -111,8 +111,18 @@ class Lineage:
         params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(rid, params=params[i:i + 100])
-        self._log_metrics(rid, node.out_dir / "metrics.jsonl", artifact.metrics)
+        return rid
 
+    def fail_stage(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FAILED")
+
+    def finish_stage(self, rid: str, node: Any, config: dict, artifact: Artifact,
+                     parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> None:
+        """Final metrics, what the stage read, what it made (a LoggedModel by reference)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
+        from mlflow.entities import RunTag
+
+        self._log_metrics(rid, artifact.metrics)
         datasets = [DatasetInput(Dataset(name=_dataset_name(d),
                                          digest=str(d["digest"])[:36], source_type="local",
                                          source=json.dumps({"uri": Path(d["path"]).as_uri()})),
@@ -137,20 +147,12 @@ class Lineage:
             self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
         self.client.log_batch(rid, tags=[RunTag("forge.artifact", str(node.out_dir / "artifact.json"))])
         self.client.set_terminated(rid, "FINISHED")
-        return rid
 
-    def _log_metrics(self, rid: str, path: Path, final: dict[str, float]) -> None:
+    def _log_metrics(self, rid: str, final: dict[str, float]) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        metrics = [Metric(k.replace("/", "."), float(v), now, 0) for k, v in final.items()]
-        if path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                ts = int(rec.get("time", time.time()) * 1000)
-                metrics += [Metric(k, float(v), ts, int(rec["step"])) for k, v in rec.items()
-                            if k not in ("step", "time") and isinstance(v, (int, float))]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(rid, metrics=metrics[i:i + 1000])
+        self.client.log_batch(rid, metrics=[Metric(k.replace("/", "."), float(v), now, 0)
+                                            for k, v in final.items()])
 
     @staticmethod
     def _input_datasets(node: Any, artifact: Artifact, upstream: dict[str, Artifact]) -> list[dict]:
@@ -177,3 +179,51 @@ class Lineage:
         out = node.out_dir / "model_manifest.json"
         out.write_text(json.dumps(manifest, indent=2))
         return out
+
+
+class MetricsTail:
+    """Follows a worker's metrics.jsonl and sends new steps to its MLflow run while it trains.
+
+    Lines are on disk first; a step is sent once (a resumed worker rewrites the steps after its
+    checkpoint, bit-identical, and those are not sent again).
+    """
+
+    def __init__(self, lineage: Lineage, run_id: str, path: Path, every: float = 5.0):
+        self.lineage, self.run_id, self.path, self.every = lineage, run_id, path, every
+        self.last_step = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics-tail", daemon=True)
+
+    def __enter__(self) -> "MetricsTail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        from mlflow.entities import Metric
+        if not self.path.exists():
+            return
+        metrics, last = [], self.last_step
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            step = int(rec.get("step", -1))
+            if step <= self.last_step:
+                continue
+            ts = int(rec.get("time", time.time()) * 1000)
+            metrics += [Metric(k, float(v), ts, step) for k, v in rec.items()
+                        if k not in ("step", "time") and isinstance(v, (int, float))]
+            last = max(last, step)
+        for i in range(0, len(metrics), 1000):
+            self.lineage.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        self.last_step = last

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from flows.config import typed
 from flows.dag import Dag, Node, build
 from flows.launch import StageFailed, run_worker, stage_lock
-from flows.lineage import lineage_for
+from flows.lineage import MetricsTail, lineage_for
 from flows.plan import Step, complete, make_plan, write_stage_record
 from stages.base import ARTIFACT_FILE, read_artifact
 from stages.schema import to_dict
@@ -61,17 +61,22 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         worker_spec = {"kind": node.kind, "stage": stage, "key": key, "config": config,
                        "inputs": inputs, "out_dir": str(node.out_dir),
                        "cluster": to_dict(dag.pipeline.cluster)}
-        logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir}")
-        run_worker(stage, node.kind_cls.launcher, dag.pipeline.cluster, worker_spec, node.out_dir,
-                   logger.info)
-        artifact = read_artifact(node.out_dir)
-        if artifact is None or artifact.key != key:
-            raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
-                              node.out_dir / "worker.log")
         lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
+        mlflow_run = lineage.start_stage(parent_run, dag.pipeline.name, node, config, parent_keys)
+        logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir} (MLflow run {mlflow_run})")
+        try:
+            with MetricsTail(lineage, mlflow_run, node.out_dir / "metrics.jsonl"):
+                run_worker(stage, node.kind_cls.launcher, dag.pipeline.cluster, worker_spec,
+                           node.out_dir, logger.info)
+            artifact = read_artifact(node.out_dir)
+            if artifact is None or artifact.key != key:
+                raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
+                                  node.out_dir / "worker.log")
+        except BaseException:
+            lineage.fail_stage(mlflow_run)
+            raise
         upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
-        mlflow_run = lineage.record_stage(parent_run, dag.pipeline.name, node, config, artifact,
-                                          parent_keys, upstream)
+        lineage.finish_stage(mlflow_run, node, config, artifact, parent_keys, upstream)
         logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
         return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started)
 
