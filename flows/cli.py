@@ -20,12 +20,23 @@ OVERRIDES_HELP = ("Hydra overrides: group=option (pipeline=granite-4.1, model=gr
                   "store=/data/forge)")
 
 
+def _choices() -> str:
+    """The config groups and their options, read from conf/ (shown by --help)."""
+    from flows.config import CONF_DIR
+    lines = ["config groups (group=option):"]
+    for group in ("pipeline", "model", "cluster", "tracking"):
+        names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group:<9} {', '.join(names)}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forge", description=__doc__,
+    p = argparse.ArgumentParser(prog="forge", description=__doc__, epilog=_choices(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a pipeline (cached stages are skipped, unfinished ones resume)")
+    run = sub.add_parser("run", help="run a pipeline (cached stages are skipped, unfinished ones resume)",
+                         epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     run.add_argument("--only", metavar="REGEX",
                      help="run only stages whose name matches (full match), plus unfinished ancestors")
@@ -35,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="sweep comma-separated override values (a=1,2 b=x,y: 4 runs); stages "
                           "whose keys do not change are shared, not recomputed")
 
-    plan = sub.add_parser("plan", help="validate and show what a run would do, per stage, and why")
+    plan = sub.add_parser("plan", help="validate and show what a run would do, per stage, and why",
+                          epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     plan.add_argument("--only", metavar="REGEX", help="as for run")
     plan.add_argument("--rerun", metavar="STAGE", action="append", default=[], help="as for run")
