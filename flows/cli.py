@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
 import time
 
@@ -139,6 +140,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `forge plan | head` ends quietly
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage}
     try:
