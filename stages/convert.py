@@ -1,20 +1,30 @@
 """Megatron ``torch_dist`` checkpoint <-> Hugging Face ``GraniteForCausalLM`` directory.
 
+No process group and no model is built either way; the file formats live in ``convert_io``.
+
 ``megatron_to_hf`` reads only the model tensors of a checkpoint written by ``save_checkpoint``
 (never the AdamW moments) and writes ``config.json``, ``model.safetensors`` and, given a
-``tokenizer.json``, the tokenizer files. No process group: ``torch.distributed.checkpoint`` reads in
-``no_dist`` mode, one layer slice at a time (per-layer tensors are stacked along a leading layer
-dim), and ``model.safetensors`` is written by hand, header first (shapes follow from the spec), then
-tensor by tensor. Peak memory above the import baseline is about the embedding plus one layer, each
-held twice at most, whatever the depth (measured, 100M-parameter fp32 model of 382 MiB: +191 MiB
-tied; 475 MiB untied: +353 MiB, allocator slack included).
+``tokenizer.json``, the tokenizer files. ``torch.distributed.checkpoint`` reads in ``no_dist`` mode,
+one layer slice at a time (per-layer tensors are stacked along a leading layer dim), and
+``model.safetensors`` is written by hand, header first (shapes follow from the spec), then tensor
+by tensor. Peak: the embedding (and output layer) read twice over (the reader's staging copy).
 
-``hf_to_megatron`` derives the ``ModelSpec`` from ``config.json``, builds the model with
-``build_model`` (in a world of one unless a caller set one up), copies the memory-mapped safetensors
-into it tensor by tensor, re-pads the vocabulary with zero rows and saves with ``save_checkpoint``
-(no optimizer, ``TrainState()``, the ``done`` manifest), so ``load_checkpoint(out_ckpt, model,
-None)`` loads it. Peak RSS: about 2.6x the fp32 model (measured +993 MiB for 382 MiB): the model,
-the mapped safetensors pages (counted in RSS, but reclaimable page cache) and the save's buffers.
+``hf_to_megatron`` derives the ``ModelSpec`` from ``config.json`` and writes the torch_dist files
+itself: a save plan that lists every chunk Megatron's ``dist_checkpointing.save`` would store (same
+keys, global shapes, per-layer chunks, SwiGLU's fc1 as two chunks, the linear layers' empty extra
+states), each chunk read from the safetensors (plain reads, not mmap), converted to fp32 and
+re-padded (zero vocabulary rows) only when the writer asks for it; then ``metadata.json``,
+``common.pt``, ``state.json`` (``TrainState()``) and the ``done`` manifest, all in a temporary
+directory moved into place, so ``load_checkpoint(out_ckpt, model, None)`` loads it at any TP size.
+Peak: the embedding (and output layer) plus one layer, which the writer keeps until the file closes.
+
+Measured (``benchmarks/convert_memory.py``: hidden 768, 12 layers, 12 heads / 4 KV groups, SwiGLU
+2048, vocab 32000, fp32; peak RSS above the post-import RSS, mapped file pages included;
+about +-10 MiB from run to run):
+
+    model              weights   Megatron -> HF     HF -> Megatron (before: +1010 MiB, 2.65x)
+    100.1M tied        382 MiB   +190 MiB 0.50x     +133 MiB 0.35x
+    124.7M untied      476 MiB   +246 MiB 0.52x     +228 MiB 0.48x  (before: +1209 MiB, 2.54x)
 
 The mapping (FACTS.md, "Megatron <-> Hugging Face conversion"):
 
@@ -28,68 +38,33 @@ The mapping (FACTS.md, "Megatron <-> Hugging Face conversion"):
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
 import shutil
-import struct
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from stages.convert_io import (
+    Part,
+    SafetensorsReader,
+    SliceReader,
+    write_safetensors,
+    write_torch_dist,
+)
 from stages.training.model import padded_vocab_size
 from stages.training.specs import ModelSpec
 
 EOD, PAD = "<|endoftext|>", "<|pad|>"
 LAYERS = "decoder.layers."  # prefix of the stacked per-layer tensors in a torch_dist checkpoint
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-# ---------------------------------------------------------------- Megatron checkpoint reading
-class _SliceReader:
-    """Reads (slices of) full tensors of a torch_dist checkpoint without a process group."""
-
-    def __init__(self, ckpt: Path):
-        from torch.distributed.checkpoint import FileSystemReader
-        self.ckpt = str(ckpt)
-        self.meta = FileSystemReader(self.ckpt).read_metadata().state_dict_metadata
-
-    def read(self, wants: dict[str, int | None]) -> dict[str, torch.Tensor]:
-        """{key: layer index (a [1, ...] slice of a stacked tensor) or None (the whole tensor)}."""
-        from torch.distributed.checkpoint import FileSystemReader, load
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        out, chunks = {}, {}
-        for key, layer in wants.items():
-            md = self.meta[key]
-            size, offsets = list(md.size), [0] * len(md.size)
-            if layer is not None:
-                offsets[0], size[0] = layer, 1
-            chunks[key] = ChunkStorageMetadata(torch.Size(offsets), torch.Size(size))
-            out[key] = torch.empty(size, dtype=md.properties.dtype)
-
-        class Planner(DefaultLoadPlanner):
-            # The default planner reads whole tensors; ask only for the chunk we hold a buffer for.
-            def create_local_plan(self):
-                return LoadPlan([item for key in out for item in create_read_items_for_chunk_list(
-                    key, self.metadata.state_dict_metadata[key], [chunks[key]])])
-
-            def lookup_tensor(self, index):  # our buffers are plain tensors at the chunk's offset
-                return self.state_dict[index.fqn]
-
-        with warnings.catch_warnings():  # "torch.distributed is disabled": single process, as meant
-            warnings.simplefilter("ignore", UserWarning)
-            load(out, storage_reader=FileSystemReader(self.ckpt), planner=Planner(), no_dist=True)
-        return {k: (v[0] if wants[k] is not None else v) for k, v in out.items()}
-
-
+# ---------------------------------------------------------------- layout
 def _split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, d, h = spec.num_query_groups, spec.kv_channels, spec.hidden_size
     per = spec.num_attention_heads // g
@@ -105,12 +80,19 @@ def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec
                      dim=1).reshape(-1, h)
 
 
-_MEGATRON_LAYER = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-                   "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight",
-                   "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
-_HF_LAYER = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-             "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-             "mlp.down_proj")
+# Each per-layer Megatron tensor, as the chunks (along its dim 0) Megatron's own save stores, each
+# made of these HF tensors: q, k, v are joined per KV group; SwiGLU's fc1 is [gate; up].
+_LAYER_CHUNKS = (
+    ("self_attention.linear_qkv.layer_norm_weight", (("input_layernorm",),)),
+    ("self_attention.linear_qkv.weight",
+     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)),
+    ("self_attention.linear_proj.weight", (("self_attn.o_proj",),)),
+    ("mlp.linear_fc1.layer_norm_weight", (("post_attention_layernorm",),)),
+    ("mlp.linear_fc1.weight", (("mlp.gate_proj",), ("mlp.up_proj",))),
+    ("mlp.linear_fc2.weight", (("mlp.down_proj",),)),
+)
+_MEGATRON_LAYER = tuple(key for key, _ in _LAYER_CHUNKS)
+_HF_LAYER = tuple(name for _, chunks in _LAYER_CHUNKS for chunk in chunks for name in chunk)
 
 
 def _hf_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
@@ -123,28 +105,6 @@ def _hf_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
         out += [(f"model.layers.{i}.{n}.weight", s) for n, s in zip(_HF_LAYER, layer, strict=True)]
     out.append(("model.norm.weight", (h,)))
     return out + ([] if spec.tied_embeddings else [("lm_head.weight", (v, h))])
-
-
-def _write_safetensors(path: Path, shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-                       tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Stream ``tensors`` (in ``shapes`` order) into one safetensors file: header, then raw bytes."""
-    width = torch.tensor([], dtype=dtype).element_size()
-    header, pos = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes:
-        n = math.prod(shape) * width
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to 8-byte alignment
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, shape), (got, t) in zip(shapes, tensors, strict=True):
-            if got != name or tuple(t.shape) != shape or t.dtype != dtype:
-                raise RuntimeError(f"conversion bug: {got} {tuple(t.shape)} {t.dtype} where "
-                                   f"{name} {shape} {dtype} was announced")
-            fh.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # no bytes copy
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- config
@@ -211,7 +171,7 @@ def megatron_to_hf(ckpt: Path, spec: ModelSpec, out_dir: Path,
                    tokenizer_json: Path | None = None) -> Path:
     """Write ``out_dir`` as a ``GraniteForCausalLM`` directory from the model tensors of ``ckpt``."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
-    reader = _SliceReader(ckpt)
+    reader = SliceReader(ckpt)
     emb_md = reader.meta[emb_key := "embedding.word_embeddings.weight"]
     if tuple(emb_md.size) != (padded_vocab_size(spec.vocab_size), spec.hidden_size):
         raise ValueError(f"{ckpt}: embedding {tuple(emb_md.size)} does not fit the spec "
@@ -247,103 +207,99 @@ def megatron_to_hf(ckpt: Path, spec: ModelSpec, out_dir: Path,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     config = granite_config(spec, **ids)
     config.dtype = dtype
-    _write_safetensors(out_dir / "model.safetensors", _hf_shapes(spec), dtype, tensors())
+    write_safetensors(out_dir / "model.safetensors", _hf_shapes(spec), dtype, tensors())
     config.save_pretrained(str(out_dir))
     return out_dir
 
 
 # ---------------------------------------------------------------- HF -> Megatron
-@contextlib.contextmanager
-def _megatron_world():
-    """Megatron's model-parallel state (TP=1) in a world of one, unless a caller already set it up."""
-    from megatron.core import parallel_state as ps
-
-    from stages.training.cpu_shim import apply_cpu_shim, init_cpu_rng_tracker, local_process_group
-    if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != 1:
-            raise RuntimeError("hf_to_megatron builds a TP=1 model; call it outside a TP>1 worker "
-                               "(the checkpoint reshards to any TP size when loaded)")
-        yield
-        return
-    if not torch.cuda.is_available():
-        apply_cpu_shim()  # dist_checkpointing's save asks CUDA for the device and synchronizes
-    with local_process_group():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        try:
-            init_cpu_rng_tracker()
-            yield
-        finally:
-            ps.destroy_model_parallel()
+# What Megatron's dist_checkpointing.save writes beside the tensors (metadata.json, common.pt).
+_MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+# Linear layers whose (empty, local-spec) extra state Megatron saves per layer; a load asks for it.
+_EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
+                "mlp.linear_fc2")
 
 
-def hf_to_megatron(hf_dir: Path, out_ckpt: Path) -> ModelSpec:
+def _megatron_parts(spec: ModelSpec, src: SafetensorsReader) -> list[Part]:
+    """The chunks of the Megatron checkpoint, each read and converted only when written."""
+    h, v, n = spec.hidden_size, spec.vocab_size, spec.num_layers
+    vp, shapes = padded_vocab_size(v), dict(_hf_shapes(spec))
+
+    def fp32(name: str) -> torch.Tensor:  # Megatron keeps fp32 master weights
+        return src.read(name).float()
+
+    def padded(name: str) -> torch.Tensor:  # TP padding rows past vocab_size: zeros
+        out = torch.zeros(vp, h)
+        src.read(name, out=out[:v])
+        return out
+
+    def whole(key: str, name: str, rows: int) -> Part:
+        shape = (rows, *shapes[name][1:])
+        return Part(key, shape, (0,) * len(shape), shape,
+                    (lambda: padded(name)) if rows != shapes[name][0] else (lambda: fp32(name)))
+
+    def chunk(names: tuple[str, ...]) -> torch.Tensor:  # three names: q, k, v
+        return _join_qkv(*map(fp32, names), spec) if len(names) == 3 else fp32(names[0])
+
+    def layer_parts(key: str, chunks: tuple[tuple[str, ...], ...]) -> Iterator[Part]:
+        names = [[f"model.layers.{{i}}.{x}.weight" for x in c] for c in chunks]
+        rows = [sum(shapes[x.format(i=0)][0] for x in c) for c in names]
+        rest = shapes[names[0][0].format(i=0)][1:]  # () for a norm, (columns,) for a matrix
+        for i in range(n):
+            for c, r, at in zip(names, rows, itertools.accumulate([0, *rows])):
+                got = tuple(x.format(i=i) for x in c)
+                yield Part(LAYERS + key, (n, sum(rows), *rest), (i, at, *[0] * len(rest)),
+                           (1, r, *rest), lambda got=got: chunk(got)[None])
+
+    parts = [whole("embedding.word_embeddings.weight", "model.embed_tokens.weight", vp)]
+    for key, chunks in _LAYER_CHUNKS:
+        parts += layer_parts(key, chunks)
+    parts.append(whole("decoder.final_layernorm.weight", "model.norm.weight", h))
+    if not spec.tied_embeddings:
+        parts.append(whole("output_layer.weight", "lm_head.weight", vp))
+    return parts
+
+
+def _finish_checkpoint(ckpt: Path, state) -> None:
+    """The files ``save_checkpoint`` adds around the tensors, ``done`` last (no ``rng/``: a
+    conversion has no RNG state to resume)."""
+    from stages.training.checkpoint import STATE, write_done
+    (ckpt / "metadata.json").write_text(json.dumps(_MCORE_CONFIG))
+    torch.save({}, ckpt / "common.pt")  # a bare model has no common (non-sharded) state
+    (ckpt / STATE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+    write_done(ckpt, state)
+
+
+def hf_to_megatron(hf_dir: Path, out_ckpt: Path, state=None) -> ModelSpec:
     """Write ``out_ckpt`` (a complete checkpoint directory) from a HF Granite/Llama directory.
 
-    Returns the ``ModelSpec`` derived from ``config.json``. Collective when called inside a worker.
+    ``state`` (a ``TrainState``, default empty) is recorded as the checkpoint's train state, e.g.
+    the tokens its parents were trained on. Returns the ``ModelSpec`` derived from ``config.json``. Inside a worker, rank 0 writes and the
+    others wait for it (collective).
     """
-    from safetensors import safe_open
-
-    from stages.training.checkpoint import TrainState, iter_name, save_checkpoint
-    from stages.training.model import build_model
-    from stages.training.specs import PrecisionSpec
-
     hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
     spec = spec_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    files = sorted(hf_dir.glob("*.safetensors")) or [hf_dir / "model.safetensors"]
-    v = spec.vocab_size
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-
-        def get(name: str) -> torch.Tensor:
-            if name not in where:
-                raise KeyError(f"{hf_dir}: no tensor {name!r}")
-            return where[name].get_tensor(name).float()  # Megatron keeps fp32 master weights
-
-        with _megatron_world():
-            torch.manual_seed(0)  # every value is overwritten below; seeded for reproducible buffers
-            model = build_model(spec, PrecisionSpec(), device="cpu")
-            params = dict(model.named_parameters())
-
-            def put(name: str, t: torch.Tensor) -> None:
-                p = params.pop(name)
-                vocab = name.endswith("word_embeddings.weight") or name == "output_layer.weight"
-                if vocab:
-                    p.data[v:].zero_()  # the padded rows: zeros, never a stale random init
-                (p.data[:v] if vocab else p.data).copy_(t)
-
-            with torch.no_grad():
-                put("embedding.word_embeddings.weight", get("model.embed_tokens.weight"))
-                for i in range(spec.num_layers):
-                    p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-                    put(m + "input_layernorm.weight", get(p + "input_layernorm.weight"))
-                    put(m + "self_attention.linear_qkv.weight", _join_qkv(
-                        get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                        get(p + "self_attn.v_proj.weight"), spec))
-                    put(m + "self_attention.linear_proj.weight", get(p + "self_attn.o_proj.weight"))
-                    put(m + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight"))
-                    put(m + "mlp.linear_fc1.weight", torch.cat(
-                        [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-                    put(m + "mlp.linear_fc2.weight", get(p + "mlp.down_proj.weight"))
-                put("decoder.final_layernorm.weight", get("model.norm.weight"))
-                if not spec.tied_embeddings:
-                    put("output_layer.weight", get("lm_head.weight"))
-            if params:
-                raise RuntimeError(f"hf_to_megatron: parameters left unset: {sorted(params)[:5]}")
-
-            # save_checkpoint writes <root>/checkpoints/iter_0000000 with its done manifest
-            # (relative paths), so the finished directory can be moved into place as it is.
-            root = out_ckpt.parent / f".tmp-convert-{out_ckpt.name}"
-            rank0 = not dist.is_initialized() or dist.get_rank() == 0
-            if rank0 and root.exists():
-                shutil.rmtree(root)
-            saved = save_checkpoint(root, model, None, TrainState())
-            if rank0:
-                assert saved == root / "checkpoints" / iter_name(0)
-                if out_ckpt.exists():
-                    shutil.rmtree(out_ckpt)
-                os.replace(saved, out_ckpt)
-                shutil.rmtree(root)
-            if dist.is_initialized():
-                dist.barrier()
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{hf_dir}: no *.safetensors file")
+    src = SafetensorsReader(files)
+    src.check(dict(_hf_shapes(spec)))  # fail before writing anything
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # Built beside the target and moved into place whole, ``done`` included.
+        tmp = out_ckpt.parent / f".tmp-convert-{out_ckpt.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        # Megatron stores a local-spec linear's extra state (None) as [None], per layer.
+        objects = {f"{LAYERS}{m}._extra_state/shard_{i}_{spec.num_layers}": [None]
+                   for m in _EXTRA_STATE for i in range(spec.num_layers)}
+        write_torch_dist(tmp, _megatron_parts(spec, src), objects)
+        from stages.training.checkpoint import TrainState
+        _finish_checkpoint(tmp, state or TrainState())
+        if out_ckpt.exists():
+            shutil.rmtree(out_ckpt)
+        os.replace(tmp, out_ckpt)
+    if dist.is_initialized():
+        dist.barrier()
     return spec

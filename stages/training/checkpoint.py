@@ -228,6 +228,14 @@ def _use_warm_queue() -> None:
             filesystem_async._results_queue = _WARM_QUEUE[0]
 
 
+def write_done(ckpt: Path, state: TrainState) -> None:
+    """Write the ``done`` manifest (sha256 and size of every other file, and the state), last."""
+    files = {str(p.relative_to(ckpt)): {"sha256": file_digest(p), "size": p.stat().st_size}
+             for p in _files(ckpt)}
+    _write_atomic(ckpt / DONE, json.dumps({"files": files, "state": dataclasses.asdict(state)},
+                                          indent=1, sort_keys=True))
+
+
 def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, state: TrainState,
                     keep: int = 2) -> Path:
     """Save atomically to ``out_dir/checkpoints/iter_<state.step>``; prune to ``keep``. Collective."""
@@ -251,10 +259,7 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
         if final.exists():  # an earlier, incomplete save of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
-        files = {str(p.relative_to(final)): {"sha256": file_digest(p), "size": p.stat().st_size}
-                 for p in _files(final)}
-        _write_atomic(final / DONE, json.dumps({"files": files, "state": dataclasses.asdict(state)},
-                                               indent=1, sort_keys=True))
+        write_done(final, state)
         prune(out_dir, keep)
     _barrier()
     return final

@@ -178,3 +178,88 @@ def test_tokenizer_files_load_and_agree(world):
     cfg = json.loads((world["hf"] / "config.json").read_text())
     assert cfg["eos_token_id"] == ref.token_to_id("<|endoftext|>")
     assert cfg["pad_token_id"] == ref.token_to_id("<|pad|>")
+
+
+def save_random_checkpoint(root: Path, spec) -> Path:
+    """A random-init checkpoint of ``spec`` written by ``save_checkpoint``, norms random too."""
+    from megatron.core import parallel_state as ps
+
+    from stages.training.checkpoint import TrainState, save_checkpoint
+    from stages.training.cpu_shim import init_cpu_rng_tracker, local_process_group
+    from stages.training.model import build_model
+    from stages.training.specs import PrecisionSpec
+    with local_process_group():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        try:
+            init_cpu_rng_tracker()
+            torch.manual_seed(2)
+            model = build_model(spec, PrecisionSpec(), device="cpu")
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "layernorm" in name:
+                        p.uniform_(0.5, 1.5)
+            return save_checkpoint(root, model, None, TrainState())
+        finally:
+            ps.destroy_model_parallel()
+
+
+def stored_layout(ckpt: Path) -> dict:
+    """What a torch_dist load depends on: tensor keys, global shapes, chunks, dtypes; objects."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    out = {}
+    for key, md in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            out[key] = "object"
+        else:
+            out[key] = (tuple(md.size), md.properties,
+                        sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
+    return out
+
+
+def assert_same_layout(converted: Path, reference: Path) -> None:
+    assert stored_layout(converted) == stored_layout(reference)
+    files = {str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file()}
+    assert {f for f in files if not f.startswith("rng/") and not f.endswith(".distcp")} == {
+        str(p.relative_to(converted)) for p in converted.rglob("*")
+        if p.is_file() and not p.name.endswith(".distcp")}
+    assert (converted / "metadata.json").read_text() == (reference / "metadata.json").read_text()
+    assert torch.load(converted / "common.pt") == torch.load(reference / "common.pt")
+
+
+def test_converted_layout_is_megatrons(world):
+    assert_same_layout(world["back"], world["ckpt"])
+
+
+def test_untied_round_trip(tmp_path):
+    """An untied model: output_layer comes back (its padded rows zero), in Megatron's layout."""
+    from stages.convert import hf_to_megatron, megatron_to_hf
+    from stages.training.specs import ModelSpec
+    spec = ModelSpec(**{**MODEL, "num_layers": 3, "tied_embeddings": False})
+    ckpt = save_random_checkpoint(tmp_path / "megatron", spec)
+    assert hf_to_megatron(megatron_to_hf(ckpt, spec, tmp_path / "hf"), tmp_path / "back") == spec
+    assert_same_layout(tmp_path / "back", ckpt)
+    before, after = model_tensors(ckpt), model_tensors(tmp_path / "back")
+    assert sorted(before) == sorted(after) and "output_layer.weight" in after
+    v = spec.vocab_size
+    for key, t in before.items():
+        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert torch.equal(after[key][:v], t[:v]) and not after[key][v:].any(), key
+        else:
+            assert torch.equal(after[key], t), key
+
+
+def test_bf16_sharded_hf_input(world, tmp_path):
+    """A bf16 export split over several safetensors files converts to the fp32 of its values."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.convert import hf_to_megatron
+    model = AutoModelForCausalLM.from_pretrained(world["hf"], dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    assert hf_to_megatron(tmp_path / "hf", tmp_path / "back") == world["spec"]
+    before, after = model_tensors(world["ckpt"]), model_tensors(tmp_path / "back")
+    for key, t in before.items():
+        assert after[key].dtype == torch.float32, key
+        rows = slice(0, world["spec"].vocab_size) if key.startswith("embedding.") else slice(None)
+        assert torch.equal(after[key][rows], t[rows].bfloat16().float()), key
