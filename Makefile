@@ -2,7 +2,7 @@
 # and `make test` (install + run the tests). Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-ONLY   ?= data|tokenizer|tokenize|pretrain-.*
+ONLY   ?= eval-pretrain|eval-extend-.*|eval-merge-.*
 STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt

@@ -145,6 +145,9 @@ class Lineage:
             self.client.log_model_artifact(model.model_id, str(self._manifest(node, ckpt, artifact)))
             self.client.finalize_logged_model(model.model_id, "READY")
             self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
+        for rel in artifact.outputs.values():  # plots people would rather look at than read
+            if rel.endswith(".png") and (node.out_dir / rel).exists():
+                self.client.log_artifact(rid, str(node.out_dir / rel))
         self.client.log_batch(rid, tags=[RunTag("forge.artifact", str(node.out_dir / "artifact.json"))])
         self.client.set_terminated(rid, "FINISHED")
 

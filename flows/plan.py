@@ -63,6 +63,7 @@ def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) ->
 
     steps: list[Step] = []
     runs: set[str] = set()
+    blocked: set[str] = set()
     for name, node in dag.nodes.items():
         tokens = node.kind_cls.tokens(node.config)
         if name not in selected:
@@ -83,8 +84,13 @@ def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) ->
             why = (f"parent {', '.join(upstream)} runs first" if upstream else explain_new(dag, node))
         if action != "cached":
             runs.add(name)
+            stuck = [p for p in node.parents if p in blocked]
             if not node.kind_cls.built:
                 action, why = "blocked", f"kind {node.kind!r} {node.kind_cls.not_built_reason}"
+            elif stuck:
+                action, why = "blocked", f"parent {', '.join(stuck)} cannot run yet"
+            if action == "blocked":
+                blocked.add(name)
         steps.append(Step(name, action, why, node, tokens))
     return steps
 
@@ -93,8 +99,8 @@ def check_runnable(steps: list[Step]) -> None:
     """Stages of kinds that later issues build stop the run here, before any compute."""
     blocked = [s for s in steps if s.action == "blocked"]
     if blocked:
-        lines = [f"  {s.name} ({s.node.kind}): {s.node.kind_cls.not_built_reason}" for s in blocked]
-        built = [s.name for s in steps if s.node.kind_cls.built]
+        lines = [f"  {s.name} ({s.node.kind}): {s.why}" for s in blocked]
+        built = [s.name for s in steps if s.action != "blocked"]
         raise ConfigError("these stages cannot run yet:\n" + "\n".join(lines) +
                           f"\n  Run the built part with --only '{'|'.join(built)}'")
 

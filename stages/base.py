@@ -125,6 +125,7 @@ class RunContext:
     key: str
     cluster: Any
     seed: int = 1234
+    kind: str = ""
 
     def metric(self, out_dir: Path, step: int, **values: float) -> None:
         """Append one line to metrics.jsonl (metrics are on disk before they reach MLflow)."""

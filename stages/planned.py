@@ -12,50 +12,7 @@ from stages.base import StageKind
 from stages.schema import ConfigError, param, setting
 from stages.training.specs import ModelSpec, ScheduleSpec
 
-ISSUE_LONG_CONTEXT = "built by issue 3 (context extension, merges, evaluation)"
 ISSUE_POST_TRAINING = "not built yet: SFT, curation and RL come after issue 3 (no issue filed yet)"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ExtendContextConfig:
-    from_: str = param(doc="model stage to extend (a pretrain, merge or extend_context stage)")
-    data: str = param(doc="the tokenize stage")
-    model: ModelSpec = param(doc="model shape")
-    seq_length: int = param(doc="new context length")
-    rope_theta: float = param(doc="raised RoPE base for the new length")
-    tokens: int = param(doc="tokens trained at the new length")
-    global_batch_size: int = param(doc="sequences per optimizer step")
-    mixture: dict[str, float] = param(doc="long-document and short-context sources -> weight")
-    schedule: ScheduleSpec = param(doc="LR schedule")
-    log_interval: int = setting(10, "print progress every N steps")
-
-    def __post_init__(self) -> None:
-        if self.seq_length <= 0 or self.tokens <= 0 or self.rope_theta <= 0:
-            raise ConfigError("seq_length, tokens and rope_theta must be > 0")
-        if not self.mixture or any(w < 0 for w in self.mixture.values()):
-            raise ConfigError("mixture: must be non-empty with weights >= 0")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MergeConfig:
-    from_: tuple[str, ...] = param(doc="two or more model stages to merge")
-    method: Literal["linear", "slerp", "ties", "task_arithmetic"] = param("linear", "mergekit method")
-    weights: tuple[float, ...] = param((), "one weight per parent (default: equal)")
-    base: str | None = param(None, "base model stage (ties / task_arithmetic)")
-
-    def __post_init__(self) -> None:
-        if len(self.from_) < 2:
-            raise ConfigError(f"from: a merge needs two or more parents, got {list(self.from_)}")
-        if self.weights and len(self.weights) != len(self.from_):
-            raise ConfigError(f"weights: {len(self.weights)} weights for {len(self.from_)} parents")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    from_: str = param(doc="model stage to evaluate")
-    data: str = param(doc="the tokenize stage (held-out split)")
-    lengths: tuple[int, ...] = param((), "context lengths for needle-in-a-haystack retrieval")
-    samples: int = param(64, "retrieval samples per length and depth")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,10 +66,6 @@ def _planned(kind: str, cfg: type, parents: tuple[str, ...], reason: str, launch
 
 
 PLANNED_KINDS = (
-    _planned("extend_context", ExtendContextConfig, ("from_", "data"), ISSUE_LONG_CONTEXT, "torchrun",
-             "tokens"),
-    _planned("merge", MergeConfig, ("from_", "base"), ISSUE_LONG_CONTEXT),
-    _planned("evaluate", EvaluateConfig, ("from_", "data"), ISSUE_LONG_CONTEXT),
     _planned("curate", CurateConfig, ("data", "judge"), ISSUE_POST_TRAINING),
     _planned("sft", SftConfig, ("from_", "data"), ISSUE_POST_TRAINING, "torchrun"),
     _planned("rl", RlConfig, ("from_",), ISSUE_POST_TRAINING, "torchrun"),

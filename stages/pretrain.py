@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageInput, StageKind
 from stages.schema import ConfigError, param, setting
@@ -39,12 +39,20 @@ class PretrainConfig:
     keep_checkpoints: int = setting(2, "newest checkpoints kept while training")
     log_interval: int = setting(10, "print progress every N steps")
 
+    carries_optimizer: ClassVar[bool] = True  # a phase continues its parent's AdamW moments
+    document_mask: ClassVar[bool] = False     # pretraining attends across packed documents
+
+    @property
+    def run_model(self) -> ModelSpec:
+        """The model this stage trains (an extension raises theta and max positions)."""
+        return self.model
+
     def __post_init__(self) -> None:
         if self.tokens <= 0:
             raise ConfigError(f"tokens: must be > 0, got {self.tokens}")
-        if self.seq_length <= 0 or self.seq_length > self.model.max_position_embeddings:
+        if self.seq_length <= 0 or self.seq_length > self.run_model.max_position_embeddings:
             raise ConfigError(f"seq_length: {self.seq_length} must be in 1..model.max_position_embeddings "
-                              f"({self.model.max_position_embeddings})")
+                              f"({self.run_model.max_position_embeddings})")
         if self.global_batch_size <= 0:
             raise ConfigError(f"global_batch_size: must be > 0, got {self.global_batch_size}")
         if not self.mixture:
@@ -95,6 +103,7 @@ class Pretrain(StageKind):
             raise ConfigError(f"stages.{stage}.model.vocab_size: {config.model.vocab_size} is smaller "
                               f"than stage {tok.tokenizer!r}'s vocab_size ({vocab}); raise it")
         cluster.check_model(config.model, f"stages.{stage}.model")
+        cluster.check_context(config.seq_length, f"stages.{stage}")
         gbs, dp = config.global_batch_size, cluster.data_parallel
         if gbs % dp:
             raise ConfigError(f"stages.{stage}.global_batch_size: {gbs} is not divisible by "

@@ -24,7 +24,8 @@ def load_spec(path: Path) -> tuple:
     inputs = {name: StageInput(name, Path(v["out_dir"]), Artifact(**v["artifact"]))
               for name, v in spec["inputs"].items()}
     cluster = from_dict(ParallelSpec, spec.get("cluster", {}), "cluster")
-    ctx = RunContext(stage=spec["stage"], key=spec["key"], cluster=cluster, seed=spec.get("seed", 1234))
+    ctx = RunContext(stage=spec["stage"], key=spec["key"], cluster=cluster, seed=spec.get("seed", 1234),
+                     kind=spec["kind"])
     return kind, config, inputs, Path(spec["out_dir"]), ctx
 
 

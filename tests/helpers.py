@@ -63,6 +63,8 @@ def executed(result: dict) -> set[str]:
 
 
 ONLY_BUILT = "data|tokenizer|tokenize|pretrain-.*"
+# Every evaluation of the extension chain: with their unfinished ancestors, all built stages.
+LONG_CONTEXT = "eval-pretrain|eval-extend-.*|eval-merge-.*"
 # The tiny pipeline made smaller still, so integration tests take seconds per stage.
 SMALL = [
     "stages.data.sources.web.documents=300", "stages.data.sources.code.documents=200",
@@ -73,4 +75,12 @@ SMALL = [
     "stages.pretrain-1.schedule.warmup_steps=4",
     "stages.pretrain-1.checkpoint_interval=5", "stages.pretrain-2.checkpoint_interval=5",
     "stages.pretrain-3.checkpoint_interval=5", "stages.pretrain-4.checkpoint_interval=5",
+]
+# The extension chain made small: a few steps per extension, few probes per evaluation cell.
+SMALL_LONG_CONTEXT = [
+    "stages.extend-1.tokens=8192", "stages.extend-2.tokens=6144", "stages.extend-3.tokens=8192",
+    *[f"stages.{e}.samples=4" for e in ("eval-pretrain", "eval-extend-1", "eval-merge-1",
+                                        "eval-extend-2", "eval-merge-2", "eval-extend-3",
+                                        "eval-merge-3")],
+    "stages.eval-merge-2.depths=[0.0,0.5,1.0]",
 ]

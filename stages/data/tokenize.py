@@ -7,6 +7,7 @@ to ``heldout/<name>`` (output values are path prefixes, relative to the stage di
 """
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -50,7 +51,9 @@ def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_
     if eod_id is None:
         raise ValueError(f"tokenizer {tok_path} has no {EOD!r} token")
     dtype = DType.optimal_dtype(vocab_size)
-    outputs: dict[str, str] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok_path, out_dir / "tokenizer.json")  # the data's tokenizer travels with it
+    outputs: dict[str, str] = {"tokenizer": "tokenizer.json"}
     metrics: dict[str, float] = {}
     datasets_: list[dict] = []
     for src in source_outputs(data):

@@ -70,3 +70,27 @@ def local_process_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def megatron_world():
+    """Megatron's model-parallel state (TP=1) in a world of one, for work outside a training
+    worker (evaluation); inside a worker that set it up already, its state is used as it is."""
+    import torch
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        yield
+        return
+    if not torch.cuda.is_available():
+        apply_cpu_shim()
+    with local_process_group():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        try:
+            if not torch.cuda.is_available():
+                init_cpu_rng_tracker()
+            else:
+                from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+                model_parallel_cuda_manual_seed(0)
+            yield
+        finally:
+            ps.destroy_model_parallel()

@@ -142,10 +142,12 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
         say(env, f"[{stage}] resuming from {found[0]} (step {state.step})")
     elif config.from_ is not None:
         parent = inputs[config.from_].path("checkpoint")
-        prev = ckpt.load_checkpoint(parent, model, optimizer)
-        state = ckpt.TrainState(tokens_total=prev.tokens_total, optimizer_steps=prev.optimizer_steps,
-                                **layout)
-        say(env, f"[{stage}] continuing from {config.from_} ({parent}, {prev.tokens_total} tokens)")
+        carry = config.carries_optimizer  # an extension starts fresh AdamW moments
+        prev = ckpt.load_checkpoint(parent, model, optimizer if carry else None)
+        state = ckpt.TrainState(tokens_total=prev.tokens_total,
+                                optimizer_steps=prev.optimizer_steps if carry else 0, **layout)
+        say(env, f"[{stage}] continuing from {config.from_} ({parent}, {prev.tokens_total} tokens"
+                 f"{'' if carry else ', weights only'})")
     else:
         state = ckpt.TrainState(**layout)
     if env.rank == 0:
@@ -159,22 +161,32 @@ def say(env: Env, text: str) -> None:
         print(text, flush=True)
 
 
-def phase_data(config, inputs: dict[str, StageInput], out_dir: Path):
+def phase_data(config, inputs: dict[str, StageInput], out_dir: Path, document_mask: bool = False):
     """The phase's blend, its EOD id, and the held-out prefixes the data stage offers."""
     from stages.training.mixture import build_blended_dataset
     data = inputs[config.data]
     extra = data.artifact.extra
-    if extra.get("vocab_size", 0) > config.model.vocab_size:
+    if extra.get("vocab_size", 0) > config.run_model.vocab_size:
         raise RuntimeError(f"the tokenizer's vocabulary ({extra['vocab_size']}) is larger than "
-                           f"model.vocab_size ({config.model.vocab_size})")
+                           f"model.vocab_size ({config.run_model.vocab_size})")
     used = {s: w for s, w in config.mixture.items() if w > 0}
     prefixes = {s: str(data.path(f"tokens/{s}")) for s in used}
     dataset = build_blended_dataset(prefixes, used, config.seq_length,
                                     config.steps * config.global_batch_size, config.seed,
-                                    int(extra["eod_id"]), out_dir / "data_cache")
+                                    int(extra["eod_id"]), out_dir / "data_cache",
+                                    document_mask=document_mask)
     heldout = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
                if k.startswith("heldout/")}
     return dataset, int(extra["eod_id"]), heldout
+
+
+def model_outputs(checkpoint: str, data: StageInput, out_dir: Path) -> dict[str, str]:
+    """The checkpoint, and the tokenizer kept beside it: an exported or merged model needs it."""
+    import shutil
+    if "tokenizer" not in data.artifact.outputs:
+        return {"checkpoint": checkpoint}
+    shutil.copyfile(data.path("tokenizer"), out_dir / "tokenizer.json")
+    return {"checkpoint": checkpoint, "tokenizer": "tokenizer.json"}
 
 
 def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str) -> Path:
@@ -210,7 +222,7 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
     mbs = config.micro_batch_size or local
     if local % mbs:
         raise RuntimeError(f"micro_batch_size {mbs} does not divide the per-rank batch {local}")
-    model = build_model(config.model, config.precision, device=env.device, tensor_parallel=env.tp)
+    model = build_model(config.run_model, config.precision, device=env.device, tensor_parallel=env.tp)
     optimizer = make_optimizer(model, config)
     state = start_state(config, inputs, out_dir, model, optimizer, env, stage)
     ddp = None
@@ -220,7 +232,11 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
             overlap_grad_reduce=False, use_distributed_optimizer=False, grad_reduce_in_fp32=True),
             model)
     net = ddp or model
-    dataset, eod_id, heldout = phase_data(config, inputs, out_dir)
+    document_mask = config.document_mask and env.device == "cpu"
+    if config.document_mask and not document_mask:  # TE wants THD packing for this: not wired yet
+        say(env, f"[{stage}] note: document masking is built for the CPU backend only; on "
+                 f"{env.device} packed documents attend across their boundaries")
+    dataset, eod_id, heldout = phase_data(config, inputs, out_dir, document_mask)
     mask = causal_mask(seq, env.device)
     startup_s = time.time() - t_start
     say(env, f"[{stage}] start-up {startup_s:.1f}s; {steps} steps of {gbs}x{seq} tokens, "
@@ -268,11 +284,11 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
         metrics.update(loss_summary(out_dir, steps))
     metrics.update(tokens_per_s=train_tokens / train_time if train_time else 0.0, steps=float(steps),
                    tokens_total=float(state.tokens_total), startup_s=startup_s)
-    extra = {"model": to_dict(config.model), "tokens_total": state.tokens_total,
+    extra = {"model": to_dict(config.run_model), "tokens_total": state.tokens_total,
              "tokens_phase": state.tokens_phase, "world_size": env.world,
              "tensor_parallel": env.tp, "data_parallel": env.dp,
-             "padded_vocab_size": padded_vocab_size(config.model.vocab_size),
-             "parent": config.from_}
-    return Artifact(kind="pretrain", stage=stage, key=ctx.key,
-                    outputs={"checkpoint": f"{ckpt.CHECKPOINTS}/{final.name}"},
+             "padded_vocab_size": padded_vocab_size(config.run_model.vocab_size),
+             "parent": config.from_, "seq_length": seq}
+    return Artifact(kind=ctx.kind or "pretrain", stage=stage, key=ctx.key,
+                    outputs=model_outputs(f"{ckpt.CHECKPOINTS}/{final.name}", inputs[config.data], out_dir),
                     metrics=metrics, extra=extra)

@@ -66,7 +66,8 @@ def _build_once(cache_dir: Path, description: dict, build):
         return result
 
 
-def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path):
+def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path,
+                document_mask: bool = False):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     return GPTDatasetConfig(
         random_seed=seed,
@@ -75,16 +76,19 @@ def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path):
         split="1,0,0",  # everything is training data; held-out data comes as its own prefixes
         path_to_cache=str(path),
         tokenizer=EodTokenizer(eod_id),
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=False,  # RoPE is relative: positions need no reset inside a document
+        # document_mask: each sample carries its own block-diagonal causal mask, so no token
+        # attends across a packed document boundary; otherwise one shared causal mask.
+        reset_attention_mask=document_mask,
         eod_mask_loss=False,
-        create_attention_mask=False,  # the model gets one causal mask (model.causal_mask)
+        create_attention_mask=document_mask,
         mid_level_dataset_surplus=0.05,  # small blends need a margin over the exact counts
     )
 
 
 def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], seq_length: int,
-                          num_samples: int, seed: int, eod_id: int, cache_dir: Path):
+                          num_samples: int, seed: int, eod_id: int, cache_dir: Path,
+                          document_mask: bool = False):
     """A dataset of ``num_samples`` samples (dicts with "tokens", "labels", "loss_mask", ...).
 
     ``prefixes``: source -> indexed-dataset prefix (path without .bin/.idx); ``weights``: source ->
@@ -107,7 +111,7 @@ def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], s
                    "num_samples": num_samples, "seed": seed, "eod": eod_id}
 
     def build(path: Path):
-        config = _gpt_config((paths, norm), seq_length, seed, eod_id, path)
+        config = _gpt_config((paths, norm), seq_length, seed, eod_id, path, document_mask)
         builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0],
                                                 lambda: True, config)
         return builder.build()[0]
@@ -134,12 +138,16 @@ def build_heldout_dataset(prefix: str, seq_length: int, seed: int, eod_id: int, 
     return _build_once(cache_dir, description, build)
 
 
-def batch(dataset, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack samples ``indices`` into (tokens, labels, loss_mask), each [b, seq_length]."""
+def batch(dataset, indices):
+    """Stack samples ``indices`` into (tokens, labels, loss_mask) [b, seq_length] and the samples'
+    own attention masks [b, 1, s, s] (True = masked), or None when the dataset has none."""
     samples = [dataset[int(i)] for i in indices]
+    masks = None
+    if "attention_mask" in samples[0]:
+        masks = torch.stack([s["attention_mask"] for s in samples]).bool()
     return (torch.stack([s["tokens"] for s in samples]),
             torch.stack([s["labels"] for s in samples]),
-            torch.stack([s["loss_mask"] for s in samples]).float())
+            torch.stack([s["loss_mask"] for s in samples]).float(), masks)
 
 
 def write_indexed_dataset(prefix: Path, documents, dtype=np.int32) -> None:

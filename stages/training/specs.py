@@ -90,9 +90,23 @@ class ParallelSpec:
         if self.pipeline_parallel > 1:
             raise ConfigError("cluster.pipeline_parallel: pipeline parallelism is not built yet "
                               "(issue 4); set it to 1")
-        if self.context_parallel > 1:
-            raise ConfigError("cluster.context_parallel: context parallelism is built with "
-                              "extend_context (issue 3); set it to 1")
+
+    def check_context(self, seq_length: int, where: str) -> None:
+        """Context parallelism splits each sequence into 2 x CP chunks (load-balanced causal)."""
+        cp = self.context_parallel
+        if cp == 1:
+            return
+        if seq_length % (2 * cp):
+            ok = [c for c in range(1, seq_length // 2 + 1) if seq_length % (2 * c) == 0][:8]
+            raise ConfigError(f"cluster.context_parallel: {where}.seq_length={seq_length} is not "
+                              f"divisible by 2 x context_parallel = {2 * cp}; use a context_parallel "
+                              f"in {ok} or change the length")
+        if self.device == "cpu":
+            raise ConfigError("cluster.context_parallel: context parallelism needs Transformer "
+                              "Engine's ring attention on GPUs; on CPU set cluster.context_parallel=1")
+        raise ConfigError("cluster.context_parallel: the training loop does not split sequences over "
+                          "CP ranks yet (issue 3 follow-up, needs the GPU machine to test); set "
+                          "cluster.context_parallel=1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

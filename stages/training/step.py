@@ -67,10 +67,11 @@ def run_micro_batches(model, dataset, indices, mbs: int, mask, config, env: Env,
     chunks = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
     masks = [batch(dataset, c) for c in chunks]
     denom = max(1.0, float(sum(m[2].sum() for m in masks)))
-    for tokens, labels, loss_mask in masks:
+    for tokens, labels, loss_mask, doc_mask in masks:
         tokens, labels, loss_mask = (t.to(env.device) for t in (tokens, labels, loss_mask))
+        attn = mask if doc_mask is None else doc_mask.to(env.device)  # per-document masks win
         with torch.set_grad_enabled(train):
-            losses = token_losses(model, tokens, labels, mask, config.precision, env.device)
+            losses = token_losses(model, tokens, labels, attn, config.precision, env.device)
             summed = (losses * loss_mask).sum()
         if train:
             (summed / denom).backward()

@@ -161,8 +161,10 @@ def test_running_unbuilt_kinds_stops_at_validation_naming_them(tmp_path):
     steps = make_plan(dag_for(store=tmp_path))
     with pytest.raises(ConfigError) as err:
         check_runnable(steps)
-    assert "extend-1 (extend_context): built by issue 3" in str(err.value)
-    assert "--only 'data|tokenizer|tokenize|pretrain-1|pretrain-2|pretrain-3|pretrain-4'" in str(err.value)
+    assert "curate (curate): kind 'curate' not built yet" in str(err.value)
+    assert "eval-final (evaluate): parent rl-chat cannot run yet" in str(err.value)  # downstream too
+    assert "--only 'data|tokenizer|tokenize|pretrain-1|" in str(err.value)
+    assert "|merge-3|eval-merge-3'" in str(err.value)
 
 
 def test_only_takes_unfinished_ancestors(tmp_path):
@@ -170,7 +172,7 @@ def test_only_takes_unfinished_ancestors(tmp_path):
     assert [n for n, s in steps.items() if s.action == "run"] == [
         "data", "tokenizer", "tokenize", "pretrain-1", "pretrain-2"]
     assert steps["pretrain-3"].action == "skip" and "left out by --only" in steps["pretrain-3"].why
-    assert "built by issue 3" in steps["extend-1"].why
+    assert "not built yet" in steps["sft"].why
 
 
 def test_sweep_expansion():

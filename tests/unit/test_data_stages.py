@@ -149,7 +149,8 @@ def test_tokenize_round_trip(prepared, tokenizer_stage, tmp_path):
 
     eod = art.extra["eod_id"]
     assert art.extra["tokenizer"] == str(tokenizer_stage.path("tokenizer").resolve())
-    assert set(art.outputs) == {f"{s}/{n}" for s in ("tokens", "heldout") for n in ("web", "math", "long")}
+    assert set(art.outputs) == {f"{s}/{n}" for s in ("tokens", "heldout") for n in ("web", "math", "long")} | {
+        "tokenizer"}  # the tokenizer travels with the data, for the model stages downstream
     tok = Tokenizer.from_file(art.extra["tokenizer"])
     for entry in art.datasets:
         folder = "tokens" if entry["split"] == "train" else "heldout"
@@ -175,4 +176,4 @@ def test_tokenize_skips_an_empty_heldout_split(tokenizer_stage, tmp_path):
     inputs = {"data": StageInput("data", tmp_path / "data", data), "tok": tokenizer_stage}
     cfg = from_dict(TokenizeConfig, {"data": "data", "tokenizer": "tok"}, "stages.tokenize")
     art = tokenize_sources(cfg, inputs, tmp_path / "tok", RunContext(stage="tokenize", key="k", cluster=None))
-    assert list(art.outputs) == ["tokens/code"] and art.datasets[0]["rows"] == 5
+    assert list(art.outputs) == ["tokenizer", "tokens/code"] and art.datasets[0]["rows"] == 5

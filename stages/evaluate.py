@@ -1,0 +1,73 @@
+"""`evaluate` stage kind: short-context held-out loss and long-context retrieval of one model stage.
+
+- Held-out loss: the token-mean loss of each held-out source of the tokenize stage at
+  ``heldout_length`` (the pretraining length, so every evaluation of a pipeline compares on the
+  same footing), and their plain mean ``heldout_loss``.
+- Retrieval (RULER-style, ``evaluation/retrieval.py``): for every target length in ``lengths``,
+  every needle depth in ``depths`` and every key count in ``keys`` (1 = needle in a haystack,
+  more = multi-key with distractors), ``samples`` generated probes; exact match of the greedy next
+  token. Metrics ``retrieval/L<length>/k<keys>/d<depth>``, per length ``retrieval/L<length>``
+  (mean over depths and key counts) and ``retrieval`` (mean over everything).
+- ``retrieval.png``: a length x depth heat-map per key count, logged on the stage's MLflow run.
+
+The recipe evaluates before and after each extension step and each merge. Runs on Megatron-core in
+a world of one (CPU shim on CPU); vLLM serving on GPU is issue 3's GPU follow-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from stages.base import Artifact, RunContext, StageInput, StageKind
+from stages.model_stages import require_model_stage
+from stages.schema import ConfigError, param, setting
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    from_: str = param(doc="model stage to evaluate")
+    data: str = param(doc="the tokenize stage (held-out split and tokenizer)")
+    heldout_length: int = param(doc="sequence length of the held-out loss (the pretraining length)")
+    lengths: tuple[int, ...] = param((), "context lengths for the retrieval probes")
+    depths: tuple[float, ...] = param((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths (0 = start, 1 = end)")
+    keys: tuple[int, ...] = param((1, 4), "needles per probe: 1 = single needle, more = multi-key")
+    samples: int = param(32, "retrieval probes per (length, depth, keys) cell")
+    seed: int = param(0, "probe generation seed")
+    batch_size: int = setting(16, "probes per forward pass")
+
+    def __post_init__(self) -> None:
+        if self.heldout_length <= 0:
+            raise ConfigError(f"heldout_length: must be > 0, got {self.heldout_length}")
+        if any(n < 16 for n in self.lengths):
+            raise ConfigError(f"lengths: each must be >= 16 tokens, got {list(self.lengths)}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths) or not self.depths:
+            raise ConfigError(f"depths: need values in [0, 1], got {list(self.depths)}")
+        if any(k < 1 for k in self.keys) or not self.keys:
+            raise ConfigError(f"keys: need counts >= 1, got {list(self.keys)}")
+        if self.samples < 1:
+            raise ConfigError(f"samples: must be >= 1, got {self.samples}")
+
+
+class Evaluate(StageKind):
+    name = "evaluate"
+    Config = EvaluateConfig
+    parent_fields = ("from_", "data")
+
+    @classmethod
+    def check(cls, config: EvaluateConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
+        from stages.data_kinds import TokenizeConfig
+        from stages.model_stages import tokenizer_of
+        require_model_stage(config.from_, configs, f"stages.{stage}.from")
+        if not isinstance(configs[config.data], TokenizeConfig):
+            raise ConfigError(f"stages.{stage}.data: {config.data!r} is not a tokenize stage")
+        if configs[config.data].tokenizer != tokenizer_of(config.from_, configs):
+            raise ConfigError(f"stages.{stage}.data: {config.data!r} uses tokenizer "
+                              f"{configs[config.data].tokenizer!r}, but {config.from_!r} was trained "
+                              f"with {tokenizer_of(config.from_, configs)!r}")
+
+    @classmethod
+    def run(cls, config: EvaluateConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        from stages.evaluation.run_eval import evaluate_model  # heavy: torch + megatron
+        return evaluate_model(config, inputs, Path(out_dir), ctx)

@@ -1,0 +1,134 @@
+"""The work of an `evaluate` stage (what it measures: ``stages/evaluate.py``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from stages.base import Artifact, RunContext, StageInput
+from stages.model_stages import spec_of_artifact
+
+HELDOUT_SEED = 1234  # the pretrain phases' default seed: the same held-out samples they report on
+
+
+def _load_model(spec, ckpt: Path, device: str):
+    from stages.training.checkpoint import load_checkpoint
+    from stages.training.model import build_model
+    from stages.training.specs import PrecisionSpec
+    torch.manual_seed(0)  # every weight is overwritten by the checkpoint
+    model = build_model(spec, PrecisionSpec(), device=device)
+    load_checkpoint(ckpt, model, None)
+    return model.eval()
+
+
+def _last_logits_fn(model, vocab: int, device: str):
+    from stages.training.model import causal_mask
+
+    def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+        b, s = tokens.shape
+        tokens = tokens.to(device)
+        with torch.no_grad():
+            logits = model(tokens, torch.arange(s, device=device).expand(b, s), causal_mask(s, device))
+        return logits[:, -1, :vocab].float().cpu()  # rows past vocab are TP padding
+    return last_logits
+
+
+def _heldout(model, data: StageInput, config, device: str, out_dir: Path) -> dict[str, float]:
+    from stages.training.specs import PrecisionSpec
+    from stages.training.step import Env, heldout_losses
+    prefixes = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
+                if k.startswith("heldout/")}
+    if not prefixes:
+        return {}
+    shape = types.SimpleNamespace(seq_length=config.heldout_length, seed=HELDOUT_SEED,
+                                  micro_batch_size=config.batch_size,
+                                  global_batch_size=config.batch_size, precision=PrecisionSpec())
+    env = Env(device=device, rank=0, world=1, tp=1, dp=1, dp_rank=0)
+    from stages.training.model import causal_mask
+    out = heldout_losses(model, prefixes, int(data.artifact.extra["eod_id"]), shape, env, out_dir,
+                         causal_mask(config.heldout_length, device))
+    model.eval()
+    return out
+
+
+def _retrieval(model, tokenizer, vocab: int, config, device: str, stage: str) -> dict[str, float]:
+    from stages.evaluation.retrieval import accuracy, make_probes
+    fn = _last_logits_fn(model, vocab, device)
+    out: dict[str, float] = {}
+    for length in config.lengths:
+        t0, cells = time.time(), []
+        for keys in config.keys:
+            for depth in config.depths:
+                probes = make_probes(tokenizer, length, depth, keys, config.samples, config.seed)
+                acc = accuracy(fn, probes, config.batch_size)
+                out[f"retrieval/L{length}/k{keys}/d{depth:g}"] = acc
+                cells.append(acc)
+        out[f"retrieval/L{length}"] = sum(cells) / len(cells)
+        print(f"[{stage}] retrieval at {length} tokens: {out[f'retrieval/L{length}']:.3f} "
+              f"({time.time() - t0:.1f}s)", flush=True)
+    if config.lengths:
+        out["retrieval"] = sum(out[f"retrieval/L{n}"] for n in config.lengths) / len(config.lengths)
+    return out
+
+
+def heatmap(metrics: dict[str, float], config, path: Path, title: str) -> None:
+    """One panel per key count: accuracy by length (rows) and needle depth (columns)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(config.keys), figsize=(1.2 + 3.2 * len(config.keys), 3.0),
+                             squeeze=False, layout="constrained")
+    for ax, keys in zip(axes[0], config.keys):
+        grid = [[metrics[f"retrieval/L{n}/k{keys}/d{d:g}"] for d in config.depths] for n in config.lengths]
+        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(config.depths)), [f"{d:g}" for d in config.depths])
+        ax.set_yticks(range(len(config.lengths)), [str(n) for n in config.lengths])
+        ax.set_xlabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("context length")
+        ax.set_title(f"{keys} key{'s' if keys > 1 else ''}")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=axes[0].tolist(), label="exact-match accuracy")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> Artifact:
+    from tokenizers import Tokenizer
+
+    from stages.training.cpu_shim import megatron_world
+    t0 = time.time()
+    model_in, data = inputs[config.from_], inputs[config.data]
+    spec = spec_of_artifact(model_in)
+    longest = max((*config.lengths, config.heldout_length))
+    # RoPE is computed for any length; max positions only sizes the rotary cache.
+    spec = dataclasses.replace(spec, max_position_embeddings=max(spec.max_position_embeddings, longest))
+    device = getattr(ctx.cluster, "device", "cpu")
+    torch.set_num_threads(getattr(ctx.cluster, "threads_per_worker", 1))
+    tokenizer = Tokenizer.from_file(str(data.path("tokenizer")))
+    with megatron_world():
+        model = _load_model(spec, model_in.path("checkpoint"), device)
+        metrics = _heldout(model, data, config, device, out_dir)
+        if "heldout_loss" in metrics:
+            print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "
+                  f"{metrics['heldout_loss']:.4f}", flush=True)
+        metrics |= _retrieval(model, tokenizer, spec.vocab_size, config, device, ctx.stage)
+    outputs = {}
+    if config.lengths:
+        (out_dir / "retrieval.json").write_text(json.dumps(
+            {k: v for k, v in metrics.items() if k.startswith("retrieval")}, indent=1) + "\n")
+        heatmap(metrics, config, out_dir / "retrieval.png",
+                f"{ctx.stage}: retrieval of {config.from_} (rope theta {spec.rope_theta:g})")
+        outputs = {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
+    metrics["eval_s"] = time.time() - t0
+    return Artifact(kind="evaluate", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
+                    extra={"model_stage": config.from_, "rope_theta": spec.rope_theta,
+                           "trained_length": model_in.artifact.extra.get("seq_length")})

@@ -1,0 +1,71 @@
+"""`extend_context` stage kind: continue a model at a longer sequence length with a raised RoPE theta.
+
+The recipe's steps are 4K -> 32K -> 128K -> 512K; the tiny pipeline takes the same number of
+steps at tiny lengths. A step is a training phase (``training/loop.py``) whose model is its
+parent's with ``rope_theta`` and ``max_position_embeddings`` replaced (``run_model``):
+
+- weights come from the parent (a pretrain phase, an extension or a merge); AdamW moments start
+  fresh, since a merged parent has none and the raised theta moves every attention pattern;
+- the data is a blend of long documents (books-like prose, whole code repositories) and a share of
+  short-context sources (``mixture``), packed to ``seq_length``;
+- with ``document_mask`` (default) each packed sample gets a block-diagonal causal mask, so no
+  token attends across a document boundary (CPU backend; on GPU this needs THD packing, not
+  wired yet, and the worker says so);
+- context parallelism comes from the cluster config and is validated here (``check_context``).
+
+Checks before compute: the parent is a model stage of the same shape, the new length is longer
+than the parent's, the length fits the CP split, the mixture names known sources.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from stages.model_stages import (context_length_of, model_of, require_model_stage, shape_differences,
+                                 with_context)
+from stages.pretrain import Pretrain, PretrainConfig
+from stages.schema import ConfigError, param
+from stages.training.specs import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExtendContextConfig(PretrainConfig):
+    from_: str = param(doc="model stage to extend (pretrain, extend_context or merge)")
+    rope_theta: float = param(doc="raised RoPE base for the new length")
+    document_mask: bool = param(True, "attend within each packed document only (CPU backend)")
+
+    carries_optimizer: ClassVar[bool] = False
+
+    @property
+    def run_model(self) -> ModelSpec:
+        return with_context(self.model, self.seq_length, self.rope_theta)
+
+    def __post_init__(self) -> None:
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta: must be > 0, got {self.rope_theta}")
+        super().__post_init__()
+
+
+class ExtendContext(Pretrain):
+    name = "extend_context"
+    Config = ExtendContextConfig
+
+    @classmethod
+    def check(cls, config: ExtendContextConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
+        require_model_stage(config.from_, configs, f"stages.{stage}.from")
+        diff = shape_differences(config.model, model_of(config.from_, configs))
+        if diff:
+            raise ConfigError(f"stages.{stage}.model: differs from the model of parent {config.from_!r} "
+                              f"({'; '.join(diff)}); an extension keeps the model's shape")
+        parent_len = context_length_of(config.from_, configs)
+        if config.seq_length <= parent_len:
+            raise ConfigError(f"stages.{stage}.seq_length: {config.seq_length} is not longer than "
+                              f"the context of parent {config.from_!r} ({parent_len}); an extension "
+                              "step must raise the length")
+        parent_theta = model_of(config.from_, configs).rope_theta
+        if config.rope_theta < parent_theta:
+            raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below parent "
+                              f"{config.from_!r}'s {parent_theta:g}; raise it (or keep it) for a "
+                              "longer context")
+        cluster.check_context(config.seq_length, f"stages.{stage}")
+        super().check(dataclasses.replace(config, from_=None), stage, configs, cluster)

@@ -1,0 +1,90 @@
+"""Context extension, merges and evaluations of the tiny pipeline through the real CLI (issue 3).
+
+A small version of the whole chain: pretrain-4 -> extend-1 -> merge-1 -> ... -> merge-3, every
+evaluation included, with real Megatron workers, mergekit, Prefect and MLflow.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LONG_CONTEXT, SMALL, SMALL_LONG_CONTEXT, executed, forge, last_result
+
+pytestmark = pytest.mark.slow
+STEPS = [f"{kind}-{i}" for i in (1, 2, 3) for kind in ("extend", "eval-extend", "merge", "eval-merge")]
+
+
+@pytest.fixture(scope="module")
+def chain(prefect_server, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    out = forge("run", *SMALL, *SMALL_LONG_CONTEXT, "--only", LONG_CONTEXT, store=store, timeout=900)
+    return store, out, last_result(store)
+
+
+def artifact(result: dict, stage: str) -> dict:
+    return json.loads((Path(result["stages"][stage]["out_dir"]) / "artifact.json").read_text())
+
+
+def test_the_whole_chain_runs(chain):
+    _, _, result = chain
+    assert set(STEPS) | {"eval-pretrain", "pretrain-4"} <= executed(result)
+
+
+def test_each_extension_raises_length_and_theta_and_starts_fresh_adamw(chain):
+    _, _, result = chain
+    previous = (128, 10000.0)
+    for i in (1, 2, 3):
+        art = artifact(result, f"extend-{i}")
+        now = (art["extra"]["seq_length"], art["extra"]["model"]["rope_theta"])
+        assert now[0] > previous[0] and now[1] > previous[1], (i, now, previous)
+        assert art["extra"]["model"]["max_position_embeddings"] == now[0]
+        log = (Path(result["stages"][f"extend-{i}"]["out_dir"]) / "worker.log").read_text()
+        parent = "pretrain-4" if i == 1 else f"merge-{i - 1}"
+        assert f"continuing from {parent}" in log and "weights only" in log
+        previous = now
+
+
+def test_merges_take_the_extended_context_and_exist_in_both_formats(chain):
+    _, _, result = chain
+    for i in (1, 2, 3):
+        art = artifact(result, f"merge-{i}")
+        out = Path(result["stages"][f"merge-{i}"]["out_dir"])
+        ext = artifact(result, f"extend-{i}")
+        assert art["extra"]["model"]["rope_theta"] == ext["extra"]["model"]["rope_theta"]
+        assert art["extra"]["seq_length"] == ext["extra"]["seq_length"]
+        assert (out / art["outputs"]["hf"] / "config.json").exists()
+        assert (out / art["outputs"]["checkpoint"] / "done").exists()
+        assert (out / "tokenizer.json").exists()
+
+
+def test_evaluations_report_loss_and_retrieval_per_length_and_depth(chain):
+    _, _, result = chain
+    art = artifact(result, "eval-merge-2")
+    m = art["metrics"]
+    assert 0 < m["heldout_loss"] < 10
+    for n in (128, 256, 384, 512):
+        assert 0.0 <= m[f"retrieval/L{n}"] <= 1.0
+        for d in (0, 0.5, 1):
+            for k in (1, 4):
+                assert f"retrieval/L{n}/k{k}/d{d:g}" in m
+    png = Path(result["stages"]["eval-merge-2"]["out_dir"]) / art["outputs"]["heatmap"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlflow_has_the_heatmap_and_merge_lineage(chain):
+    from mlflow import MlflowClient
+    store, _, result = chain
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("granite-forge")
+    runs = {r.data.tags["forge.stage"]: client.get_run(r.info.run_id) for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result['parent_run']}'")}
+    ev = runs["eval-merge-1"]
+    assert [a.path for a in client.list_artifacts(ev.info.run_id)] == ["retrieval.png"]
+    assert "retrieval.L256" in ev.data.metrics and "heldout_loss" in ev.data.metrics
+    # the merge read both parents' logged models and made one of its own
+    producers = {runs[s].outputs.model_outputs[0].model_id: s for s in ("extend-1", "pretrain-4")}
+    merged_from = {producers.get(m.model_id) for m in runs["merge-1"].inputs.model_inputs}
+    assert merged_from == {"extend-1", "pretrain-4"}
+    assert len(runs["merge-1"].outputs.model_outputs) == 1
