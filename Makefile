@@ -24,5 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/cached_rerun.py
+	$(PY) benchmarks/convert_memory.py
+	$(PY) benchmarks/long_context.py
 
 .PHONY: install demo test bench

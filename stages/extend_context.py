@@ -64,8 +64,8 @@ class ExtendContext(Pretrain):
                               "step must raise the length")
         parent_theta = model_of(config.from_, configs).rope_theta
         if config.rope_theta < parent_theta:
-            raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below parent "
-                              f"{config.from_!r}'s {parent_theta:g}; raise it (or keep it) for a "
-                              "longer context")
+            raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below the theta "
+                              f"of parent {config.from_!r} ({parent_theta:g}); raise it (or keep it) "
+                              "for a longer context")
         cluster.check_context(config.seq_length, f"stages.{stage}")
         super().check(dataclasses.replace(config, from_=None), stage, configs, cluster)

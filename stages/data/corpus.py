@@ -317,35 +317,9 @@ def long_fill(r: random.Random, cast, town: str, template: str | None = None, **
         N=n, R=role, M=m, S=other, T=town, P=r.choice(PLACES), O=r.choice(OBJECTS), **kw)
 
 
-REGISTER_TITLES = ("The register of {T}", "From the town book of {T}", "The week, as the clerk wrote it",
-                   "Who keeps which day")
-
-
-def register_line(r: random.Random, d: str, n: str, town: str) -> str:
-    """One schedule entry in the surface form of the probes' queries: a fact template cut right
-    after its day ("On Monday", "Every Monday", "... that on Monday") and then the person."""
-    tpl = r.choice(FACT_SENTENCES)
-    return tpl[:tpl.index("{d}") + len("{d}")].format(d=d, T=town) + f" {n}."
-
-
-def register(r: random.Random, facts, town: str) -> str:
-    """A dense copy section: the book's whole schedule repeated 3-8 times, each round in its own
-    random order, either as a bare list ("Monday Priya, Friday Lena, ...": 2-3 tokens a pair) or
-    with fresh cue words, so after the first round every person is predictable only by looking
-    back for the day (distances from a few tokens to a few hundred)."""
-    rounds = []
-    for _ in range(r.randint(3, 8)):
-        order = r.sample(facts, len(facts))
-        if r.random() < 0.5:
-            rounds.append(", ".join(f"{d} {n}" for d, n in order) + ".")
-        else:
-            rounds.append(" ".join(register_line(r, d, n, town) for d, n in order))
-    return f"{r.choice(REGISTER_TITLES).format(T=town)}: " + " ".join(rounds)
-
-
 def long(r: random.Random) -> str:
     town = r.choice(TOWNS)
-    keys = r.randint(4, 7)
+    keys = r.randint(2, 5)
     cast = long_cast(r)
     facts = list(zip(r.sample(DAYS, keys), r.sample(NAMES, keys)))  # day -> whose day it is
     out = [f"# The Chronicle of {town}", "## Who is who\n\n" + "\n".join(
@@ -356,10 +330,10 @@ def long(r: random.Random) -> str:
     for ch in range(1, r.randint(12, 26) + 1):
         # Dense chapters recall the schedule every few sentences (many short-range copies); sparse
         # ones rarely (copies across hundreds of tokens).
-        rate = r.choice((0.2, 0.4, 0.7))
+        rate = r.choice((0.3, 0.7, 0.9))
         sents = []
-        new_at = r.randint(0, 7) if r.random() < 0.3 else -1  # a new rhyme now and then
-        for j in range(r.randint(3, 8)):
+        new_at = r.randint(0, 9) if r.random() < 0.3 else -1  # a new rhyme now and then
+        for j in range(r.randint(10, 16)):
             if j == new_at:
                 rhymes.append(rhyme(r))
                 sents.append(long_fill(r, cast, town, r.choice(QUOTE_NEW), q=rhymes[-1]))
@@ -370,10 +344,7 @@ def long(r: random.Random) -> str:
                 sents.append(long_fill(r, cast, town, r.choice(FACT_SENTENCES), d=d, n=n))
             else:
                 sents.append(long_fill(r, cast, town))
-        text = f"## Chapter {ch}: the {r.choice(PLACES)}\n\n" + " ".join(sents)
-        if True:  # every chapter ends with the register (dense copy material)
-            text += "\n\n" + register(r, facts, town)
-        out.append(text)
+        out.append(f"## Chapter {ch}: the {r.choice(PLACES)}\n\n" + " ".join(sents))
     out.append("## Summary\n\n" + " ".join(f"{n} was the {role}." for n, role in cast)
                + " " + " ".join(f"On {d} {n} still kept the {r.choice(PLACES)}." for d, n in facts))
     return "\n\n".join(out)

@@ -129,6 +129,11 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
                 f"{ctx.stage}: retrieval of {config.from_} (rope theta {spec.rope_theta:g})")
         outputs = {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
     metrics["eval_s"] = time.time() - t0
+    from stages.data.corpus import NAMES
+    from stages.evaluation.retrieval import single_token_words
+    chance = 1.0 / max(1, len(single_token_words(tokenizer, NAMES)))  # a uniform guess of a name
     return Artifact(kind="evaluate", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
                     extra={"model_stage": config.from_, "rope_theta": spec.rope_theta,
+                           "probes_per_length": config.samples * len(config.depths) * len(config.keys),
+                           "chance": chance,
                            "trained_length": model_in.artifact.extra.get("seq_length")})
