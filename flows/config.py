@@ -55,6 +55,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=[_add_or_set(o) for o in overrides])
+        for key, value in _stage_dicts(overrides):
+            # Hydra merges a dict value into the YAML's dict; `mixture={web: 1.0}` means "just web"
+            OmegaConf.update(cfg, key, value, merge=False)
         return OmegaConf.to_container(cfg, resolve=True)
     except HydraException as e:
         raise ConfigError(f"override: {_first_line(e)}\n  Overrides look like key=value, "
@@ -69,6 +72,14 @@ def _add_or_set(override: str) -> str:
     if override.startswith("stages.") and "=" in override:
         return "++" + override
     return override
+
+
+def _stage_dicts(overrides) -> list[tuple[str, dict]]:
+    """The `stages.X.field={...}` overrides, parsed (their dicts replace, never merge)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    picked = [o for o in overrides if o.startswith("stages.") and "={" in o]
+    parsed = OverridesParser.create().parse_overrides(picked) if picked else []
+    return [(o.key_or_group, o.value()) for o in parsed if isinstance(o.value(), dict)]
 
 
 def _first_line(e: BaseException) -> str:

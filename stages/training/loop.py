@@ -11,7 +11,8 @@ Start state, in order of precedence:
    bit for bit (deterministic data order, fp32 state saved exactly, same kernels);
 2. the parent phase's final checkpoint (``from``): weights, AdamW moments and step counter, and
    the total token count (for the power schedule); the step counter, the schedule and the data
-   (this phase's own mixture, from sample 0) start fresh;
+   (this phase's own mixture, from sample 0) start fresh. A context extension
+   (``carries_optimizer = False``) takes the weights and token count only;
 3. a seeded random init (``config.seed``).
 
 A step (``step.train_step``): the global batch is samples ``[step * gbs, (step + 1) * gbs)`` of

@@ -103,3 +103,10 @@ def test_mergekit_documents_follow_the_config():
     sl = mergekit_config(MergeConfig(from_=("a", "base"), method="slerp", base="base",
                                      weights=(1.0, 3.0)), paths)
     assert sl["parameters"] == {"t": 0.25}
+
+
+def test_a_dict_override_replaces_the_yaml_dict():
+    """`mixture={...}` on the command line is the whole mixture (Hydra alone would merge it)."""
+    dag = dag_for("stages.extend-1.mixture={long: 50.0, web: 50.0}")
+    assert dag.nodes["extend-1"].config.mixture == {"long": 50.0, "web": 50.0}
+    assert dag.nodes["extend-2"].config.mixture["technical"] == 10.0  # others keep the YAML's
