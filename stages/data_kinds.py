@@ -16,13 +16,13 @@ from typing import Any, Literal
 from stages.base import Artifact, RunContext, StageInput, StageKind
 from stages.schema import ConfigError, param, setting
 
-GENERATORS = ("web", "code", "math", "technical", "chat", "long")
+GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceSpec:
     """One mixture domain: either the embedded generator or a `datasets` builder with files."""
-    generator: Literal["web", "code", "math", "technical", "chat", "long"] | None = param(
+    generator: Literal["web", "code", "math", "technical", "chat", "long", "repo"] | None = param(
         None, "embedded deterministic corpus for this domain")
     documents: int = param(1000, "generator: number of documents")
     builder: str | None = param(None, "datasets builder or hub path (json, parquet, text, org/name)")

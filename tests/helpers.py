@@ -70,6 +70,7 @@ SMALL = [
     "stages.data.sources.web.documents=300", "stages.data.sources.code.documents=200",
     "stages.data.sources.math.documents=200", "stages.data.sources.technical.documents=200",
     "stages.data.sources.chat.documents=200", "stages.data.sources.long.documents=10",
+    "stages.data.sources.repos.documents=20",
     "stages.pretrain-1.tokens=61440", "stages.pretrain-2.tokens=40960",
     "stages.pretrain-3.tokens=40960", "stages.pretrain-4.tokens=40960",
     "stages.pretrain-1.schedule.warmup_steps=4",

@@ -102,6 +102,44 @@ def code(r: random.Random) -> str:
     return "\n\n".join(out)
 
 
+# ---------------------------------------------------------------- repo: whole code repositories
+REPO_NAMES = ("ledgerkit", "tallyhub", "stockroom", "gradebook", "fleetops", "pantry")
+
+
+def _module(r: random.Random, coll: str, item: str) -> tuple[str, list[str], str]:
+    """One module of a repository: (source, the names it defines, its class name)."""
+    attr, klass = r.choice(CODE_ATTRS), item.capitalize()
+    funcs = [tpl.format(c=coll, i=item, a=attr) for tpl in r.sample(CODE_FUNCS, r.randint(2, 4))]
+    names = [f.split("(", 1)[0].removeprefix("def ") for f in funcs]
+    src = "\n\n".join([f'"""{klass} records and helpers for working with {coll}."""\n',
+                        CODE_CLASS.format(K=klass, i=item, a=attr), *funcs])
+    return src, names, klass
+
+
+def repo(r: random.Random) -> str:
+    """A whole small repository, its files concatenated with path headers (the extension's
+    code-repository documents): later files import and call what earlier files define, so names
+    refer back across thousands of tokens, as in a real repository."""
+    pkg = r.choice(REPO_NAMES)
+    files, exports = [], []
+    for coll, item in r.sample(CODE_THINGS, r.randint(5, 8)):
+        src, names, klass = _module(r, coll, item)
+        files.append((f"{pkg}/{coll}.py", src))
+        exports.append((coll, item, klass, names))
+    files.insert(0, (f"{pkg}/__init__.py", "".join(
+        f"from .{m} import {k}, {', '.join(ns)}\n" for m, _, k, ns in exports)))
+    calls = []
+    for m, item, klass, names in r.sample(exports, min(4, len(exports))):
+        values, fn = r.sample(range(1, 99), 3), r.choice(names)
+        calls.append(f"    {m} = [{', '.join(f'{klass}({item!r} + str({v}), {v})' for v in values)}]\n"
+                     f"    print({fn}({m}{', 10' if fn.endswith('_above') else ''}))\n")
+    imports = "".join(f"from {pkg}.{m} import {k}, {', '.join(ns)}\n" for m, _, k, ns in exports)
+    files.append((f"{pkg}/main.py", f"{imports}\n\ndef main():\n{''.join(calls)}\n\n"
+                                     'if __name__ == "__main__":\n    main()\n'))
+    files.append(("README.md", f"# {pkg}\n\nModules: " + ", ".join(f"`{p}`" for p, _ in files) + ".\n"))
+    return "\n\n".join(f"# ===== {path} =====\n{src}" for path, src in files)
+
+
 # ---------------------------------------------------------------- math: problems, worked solutions
 def _arith(r: random.Random) -> str:
     a, b = r.randint(10, 99), r.randint(10, 99)
@@ -351,7 +389,8 @@ def long(r: random.Random) -> str:
 
 
 GENERATORS: dict[str, Callable[[random.Random], str]] = {
-    "web": web, "code": code, "math": math, "technical": technical, "chat": chat, "long": long}
+    "web": web, "code": code, "math": math, "technical": technical, "chat": chat, "long": long,
+    "repo": repo}
 
 
 def generate(domain: str, documents: int, seed: int) -> Iterator[str]:

@@ -55,16 +55,23 @@ def _heldout(model, data: StageInput, config, device: str, out_dir: Path) -> dic
     return out
 
 
-def _retrieval(model, tokenizer, vocab: int, config, device: str, stage: str) -> dict[str, float]:
-    from stages.evaluation.retrieval import accuracy, make_probes
+def _probes(tokenizer, config) -> dict[tuple[int, int, float], list]:
+    """Every (length, keys, depth) cell's probes, made before the model loads: a tokenizer that
+    cannot express the task fails the stage before any compute."""
+    from stages.evaluation.retrieval import make_probes
+    return {(n, k, d): make_probes(tokenizer, n, d, k, config.samples, config.seed)
+            for n in config.lengths for k in config.keys for d in config.depths}
+
+
+def _retrieval(model, probes: dict, vocab: int, config, device: str, stage: str) -> dict[str, float]:
+    from stages.evaluation.retrieval import accuracy
     fn = _last_logits_fn(model, vocab, device)
     out: dict[str, float] = {}
     for length in config.lengths:
         t0, cells = time.time(), []
         for keys in config.keys:
             for depth in config.depths:
-                probes = make_probes(tokenizer, length, depth, keys, config.samples, config.seed)
-                acc = accuracy(fn, probes, config.batch_size)
+                acc = accuracy(fn, probes[length, keys, depth], config.batch_size)
                 out[f"retrieval/L{length}/k{keys}/d{depth:g}"] = acc
                 cells.append(acc)
         out[f"retrieval/L{length}"] = sum(cells) / len(cells)
@@ -114,13 +121,14 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
     device = getattr(ctx.cluster, "device", "cpu")
     torch.set_num_threads(getattr(ctx.cluster, "threads_per_worker", 1))
     tokenizer = Tokenizer.from_file(str(data.path("tokenizer")))
+    probes = _probes(tokenizer, config)
     with megatron_world():
         model = _load_model(spec, model_in.path("checkpoint"), device)
         metrics = _heldout(model, data, config, device, out_dir)
         if "heldout_loss" in metrics:
             print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "
                   f"{metrics['heldout_loss']:.4f}", flush=True)
-        metrics |= _retrieval(model, tokenizer, spec.vocab_size, config, device, ctx.stage)
+        metrics |= _retrieval(model, probes, spec.vocab_size, config, device, ctx.stage)
     outputs = {}
     if config.lengths:
         (out_dir / "retrieval.json").write_text(json.dumps(

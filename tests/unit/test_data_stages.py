@@ -6,6 +6,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
 import re
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -47,15 +49,29 @@ def test_corpus_domains_are_nonempty_and_distinct():
     for domain in corpus.GENERATORS:
         docs = list(corpus.generate(domain, 30, 0))
         words = [len(d.split()) for d in docs]
-        assert min(words) >= (1500 if domain == "long" else 50), domain
-        assert max(words) <= (6000 if domain == "long" else 600), domain
+        low, high = {"long": (1500, 6000), "repo": (400, 2000)}.get(domain, (50, 600))
+        assert low <= min(words) and max(words) <= high, (domain, min(words), max(words))
         assert len(set(docs)) == len(docs), domain
         vocab[domain] = {w for d in docs for w in re.findall(r"[A-Za-z_]+", d)}
     for a in vocab:
         for b in vocab:
-            if a < b:
+            if a < b and (a, b) != ("code", "repo"):  # repositories are made of code, by design
                 jaccard = len(vocab[a] & vocab[b]) / len(vocab[a] | vocab[b])
                 assert jaccard < 0.35, (a, b, jaccard)
+
+
+def test_corpus_repositories_run(tmp_path):
+    """A repository document is its files: written out, its main module runs."""
+    for i, doc in enumerate(corpus.generate("repo", 3, 0)):
+        root = tmp_path / str(i)
+        for part in doc.split("# ===== ")[1:]:
+            path, src = part.split(" =====\n", 1)
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(src)
+        pkg = next(p.parent.name for p in root.glob("*/main.py"))
+        out = subprocess.run([sys.executable, "-m", f"{pkg}.main"], cwd=root, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.count("\n") >= 4, out.stderr
 
 
 def test_corpus_math_is_correct_and_code_runs():
