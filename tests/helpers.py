@@ -80,8 +80,9 @@ SMALL = [
 # The extension chain made small: a few steps per extension, few probes per evaluation cell.
 SMALL_LONG_CONTEXT = [
     "stages.extend-1.tokens=8192", "stages.extend-2.tokens=6144", "stages.extend-3.tokens=8192",
-    *[f"stages.{e}.samples=4" for e in ("eval-pretrain", "eval-extend-1", "eval-merge-1",
-                                        "eval-extend-2", "eval-merge-2", "eval-extend-3",
-                                        "eval-merge-3")],
+    # few probes; 3 keys at most: the small corpus's tokenizer has only 3 single-token names
+    *[f"stages.{e}.{f}" for e in ("eval-pretrain", "eval-extend-1", "eval-merge-1", "eval-extend-2",
+                                  "eval-merge-2", "eval-extend-3", "eval-merge-3")
+      for f in ("samples=4", "keys=[1,3]")],
     "stages.eval-merge-2.depths=[0.0,0.5,1.0]",
 ]

@@ -69,7 +69,8 @@ def make_probes(tokenizer, length: int, depth: float, keys: int, samples: int,
     names = single_token_words(tokenizer, NAMES)
     if len(days) < keys or len(names) < keys:
         raise ValueError(f"{keys} keys need {keys} single-token days and names; this tokenizer "
-                         f"has {len(days)} ({days}) and {len(names)} ({names})")
+                         f"has {len(days)} ({days}) and {len(names)} ({names}); lower the "
+                         f"evaluation's keys to {min(len(days), len(names))} or below")
     return [_probe(tokenizer, length, depth, keys, days, names,
                    random.Random(f"retrieval/{length}/{depth!r}/{keys}/{seed}/{i}"))
             for i in range(samples)]

@@ -67,7 +67,7 @@ def test_evaluations_report_loss_and_retrieval_per_length_and_depth(chain):
     for n in (128, 256, 384, 512):
         assert 0.0 <= m[f"retrieval/L{n}"] <= 1.0
         for d in (0, 0.5, 1):
-            for k in (1, 4):
+            for k in (1, 3):
                 assert f"retrieval/L{n}/k{k}/d{d:g}" in m
     png = Path(result["stages"]["eval-merge-2"]["out_dir"]) / art["outputs"]["heatmap"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
