@@ -45,37 +45,24 @@ def make_tokenizer(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A random-init checkpoint, its conversions, and the Megatron logits to compare with."""
-    from megatron.core import parallel_state as ps
-
     from stages.convert import hf_to_megatron, megatron_to_hf
     from stages.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-    from stages.training.cpu_shim import apply_cpu_shim, init_cpu_rng_tracker, local_process_group
+    from stages.training.cpu_shim import megatron_world
     from stages.training.model import build_model
     from stages.training.specs import ModelSpec, PrecisionSpec
     root = tmp_path_factory.mktemp("convert")
-    apply_cpu_shim()
     spec = ModelSpec(**MODEL)
     long_spec = dataclasses.replace(spec, rope_theta=LONG_THETA, max_position_embeddings=LONG_SEQ)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, spec.vocab_size, (2, SEQ), generator=gen)
     long_tokens = torch.randint(0, spec.vocab_size, (1, LONG_SEQ), generator=gen)
-    with local_process_group():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        try:
-            init_cpu_rng_tracker()
-            torch.manual_seed(0)
-            model = build_model(spec, PrecisionSpec(), device="cpu")
-            with torch.no_grad():  # norms start at 1.0: make them random too, so a swap shows
-                for name, p in model.named_parameters():
-                    if "layernorm" in name:
-                        p.uniform_(0.5, 1.5)
-            ckpt = save_checkpoint(root / "megatron", model, None, TrainState())
-            logits = megatron_logits(model, tokens)
-            long_model = build_model(long_spec, PrecisionSpec(), device="cpu")
-            load_checkpoint(ckpt, long_model, None)
-            long_logits = megatron_logits(long_model, long_tokens)
-        finally:
-            ps.destroy_model_parallel()
+    with megatron_world():
+        model = random_model(spec, seed=0)
+        ckpt = save_checkpoint(root / "megatron", model, None, TrainState())
+        logits = megatron_logits(model, tokens)
+        long_model = build_model(long_spec, PrecisionSpec(), device="cpu")
+        load_checkpoint(ckpt, long_model, None)
+        long_logits = megatron_logits(long_model, long_tokens)
     tokenizer_json = make_tokenizer(root / "tokenizer.json")
     hf = megatron_to_hf(ckpt, spec, root / "hf", tokenizer_json=tokenizer_json)
     long_hf = megatron_to_hf(ckpt, long_spec, root / "hf-long")
@@ -180,27 +167,26 @@ def test_tokenizer_files_load_and_agree(world):
     assert cfg["pad_token_id"] == ref.token_to_id("<|pad|>")
 
 
-def save_random_checkpoint(root: Path, spec) -> Path:
-    """A random-init checkpoint of ``spec`` written by ``save_checkpoint``, norms random too."""
-    from megatron.core import parallel_state as ps
-
-    from stages.training.checkpoint import TrainState, save_checkpoint
-    from stages.training.cpu_shim import init_cpu_rng_tracker, local_process_group
+def random_model(spec, seed: int):
+    """A random-init model of ``spec`` (inside a Megatron world), norms random too: they start at
+    1.0, and random values make a swapped or dropped norm show in the comparisons."""
     from stages.training.model import build_model
     from stages.training.specs import PrecisionSpec
-    with local_process_group():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        try:
-            init_cpu_rng_tracker()
-            torch.manual_seed(2)
-            model = build_model(spec, PrecisionSpec(), device="cpu")
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "layernorm" in name:
-                        p.uniform_(0.5, 1.5)
-            return save_checkpoint(root, model, None, TrainState())
-        finally:
-            ps.destroy_model_parallel()
+    torch.manual_seed(seed)
+    model = build_model(spec, PrecisionSpec(), device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_random_checkpoint(root: Path, spec) -> Path:
+    """A random-init checkpoint of ``spec`` written by ``save_checkpoint``, norms random too."""
+    from stages.training.checkpoint import TrainState, save_checkpoint
+    from stages.training.cpu_shim import megatron_world
+    with megatron_world():
+        return save_checkpoint(root, random_model(spec, seed=2), None, TrainState())
 
 
 def stored_layout(ckpt: Path) -> dict:
