@@ -16,19 +16,24 @@ from typing import Any, Literal
 from stages.base import Artifact, RunContext, StageInput, StageKind
 from stages.schema import ConfigError, param, setting
 
-GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo")
+GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo", "recall")
+PROMPTED_GENERATORS = ("recall",)  # their documents are {"prompt", "text"}: loss on the text only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceSpec:
     """One mixture domain: either the embedded generator or a `datasets` builder with files."""
-    generator: Literal["web", "code", "math", "technical", "chat", "long", "repo"] | None = param(
+    generator: Literal["web", "code", "math", "technical", "chat", "long", "repo",
+                       "recall"] | None = param(
         None, "embedded deterministic corpus for this domain")
     documents: int = param(1000, "generator: number of documents")
     builder: str | None = param(None, "datasets builder or hub path (json, parquet, text, org/name)")
     data_files: tuple[str, ...] = param((), "builder: local files / globs / URLs")
     split: str = param("train", "builder: split to read")
     text_field: str = param("text", "column holding the document text")
+    prompt_field: str | None = param(
+        None, "column holding a prompt that comes before the text and carries no loss "
+              "(completion-only loss: instruction data, retrieval drills); generators set it")
 
     def __post_init__(self) -> None:
         if (self.generator is None) == (self.builder is None):
@@ -36,6 +41,12 @@ class SourceSpec:
                               "(a datasets builder with data_files)")
         if self.generator is not None and self.documents <= 0:
             raise ConfigError(f"documents: must be > 0, got {self.documents}")
+        if self.generator is not None and self.prompt_field is not None:
+            raise ConfigError("prompt_field: is for `builder` sources; a generator knows its "
+                              "columns (drop prompt_field)")
+        if self.prompt_field is not None and self.prompt_field == self.text_field:
+            raise ConfigError(f"prompt_field: {self.prompt_field!r} is also the text_field; the "
+                              "prompt and the text must be different columns")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

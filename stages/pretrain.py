@@ -26,6 +26,10 @@ class PretrainConfig:
     seq_length: int = param(doc="tokens per sequence")
     global_batch_size: int = param(doc="sequences per optimizer step (all data-parallel ranks)")
     mixture: dict[str, float] = param(doc="source name -> weight (normalised)")
+    loss_weights: dict[str, float] = param(
+        factory=dict, doc="source name -> weight of its loss tokens in the token-mean loss "
+                          "(default 1); weigh up completion-only sources, whose few loss tokens "
+                          "per sample would otherwise drown")
     schedule: ScheduleSpec = param(doc="LR schedule of this phase")
     precision: PrecisionSpec = param(factory=PrecisionSpec, doc="dtype / FP8 recipe")
     weight_decay: float = param(0.1, "AdamW weight decay")
@@ -63,6 +67,10 @@ class PretrainConfig:
                 raise ConfigError(f"mixture.{src}: weight {w} is negative; weights must be >= 0")
         if sum(self.mixture.values()) <= 0:
             raise ConfigError("mixture: all weights are zero; give at least one positive weight")
+        for src, w in self.loss_weights.items():  # a source the mixture leaves out: inert
+            if not w > 0:
+                raise ConfigError(f"loss_weights.{src}: weight {w} must be > 0 (leave a source "
+                                  "out of the mixture to drop it)")
         if self.steps < 1:
             raise ConfigError(f"tokens: {self.tokens} is less than one step "
                               f"({self.global_batch_size} x {self.seq_length} tokens)")
@@ -87,10 +95,11 @@ class Pretrain(StageKind):
         if not isinstance(tok, TokenizeConfig):
             raise ConfigError(f"stages.{stage}.data: {config.data!r} is not a tokenize stage")
         known = sorted(configs[tok.data].sources)
-        for src in config.mixture:
-            if src not in known:
-                raise ConfigError(f"stages.{stage}.mixture.{src}: no such source in stage "
-                                  f"{tok.data!r}; known sources: {', '.join(known)}")
+        for field, sources in (("mixture", config.mixture), ("loss_weights", config.loss_weights)):
+            for src in sources:
+                if src not in known:
+                    raise ConfigError(f"stages.{stage}.{field}.{src}: no such source in stage "
+                                      f"{tok.data!r}; known sources: {', '.join(known)}")
         if config.from_ is not None:
             parent = configs[config.from_]
             if not isinstance(parent, PretrainConfig):

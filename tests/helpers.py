@@ -70,7 +70,7 @@ SMALL = [
     "stages.data.sources.web.documents=300", "stages.data.sources.code.documents=200",
     "stages.data.sources.math.documents=200", "stages.data.sources.technical.documents=200",
     "stages.data.sources.chat.documents=200", "stages.data.sources.long.documents=10",
-    "stages.data.sources.repos.documents=20",
+    "stages.data.sources.repos.documents=20", "stages.data.sources.recall.documents=200",
     "stages.pretrain-1.tokens=61440", "stages.pretrain-2.tokens=40960",
     "stages.pretrain-3.tokens=40960", "stages.pretrain-4.tokens=40960",
     "stages.pretrain-1.schedule.warmup_steps=4",
@@ -80,7 +80,7 @@ SMALL = [
 # The extension chain made small: a few steps per extension, few probes per evaluation cell.
 SMALL_LONG_CONTEXT = [
     "stages.extend-1.tokens=8192", "stages.extend-2.tokens=6144", "stages.extend-3.tokens=8192",
-    # few probes; 3 keys at most: the small corpus's tokenizer has only 3 single-token names
+    # few probes, few keys: seconds per evaluation
     *[f"stages.{e}.{f}" for e in ("eval-pretrain", "eval-extend-1", "eval-merge-1", "eval-extend-2",
                                   "eval-merge-2", "eval-extend-3", "eval-merge-3")
       for f in ("samples=4", "keys=[1,3]")],

@@ -13,13 +13,10 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
-NAMES = ("Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas",
-         "Kofi", "Lena", "Mara", "Nils", "Omar", "Priya", "Ravi", "Sofia", "Tomas", "Yuki")
-TOWNS = ("Lindenfeld", "Port Avery", "Kessington", "Marrow Bay", "Oldcastle", "Riverton",
-         "Stonebridge", "Westholm")
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+from stages.data import chronicle
+from stages.data.words import DAYS, NAMES, TOWNS
 
 # ---------------------------------------------------------------- web: blog-like prose by topic
 WEB_TOPICS = {
@@ -271,130 +268,14 @@ def chat(r: random.Random) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------- long: chronicles with recurring facts
-# The long domain carries the retrieval skill that context extension is measured on (see
-# stages/evaluation/retrieval.py): each chronicle gives some days of the week to people of the
-# town ("Every Monday Mara opened the mill early."), states that schedule near the start, and keeps
-# mentioning it in the prose at random intervals, so a window of any length holds the pattern
-# "... Monday Mara ... on Monday" -> " Mara" at distances from a few tokens to several hundred.
-# Days (the keys) and names (the values) are single BPE tokens whatever the vocabulary (they are
-# frequent in the web and math domains too), and the value directly follows the key: the easiest
-# copy pattern for a small model (an induction head). The schedule is drawn per document, so only
-# the context tells whose day it is. The filler prose never names a day.
-# Copying has to be learned before it can be used, and the recalls are only a few percent of the
-# tokens. To give a small model more to copy, chronicles also quote: a character writes down a
-# rhyme of random words, and later chapters quote it again word for word (runs of tokens that only
-# copying predicts), and the five main characters carry invented names ("Dorvel Quolorin"), split
-# into several tokens, so every later mention of a person is a copy too, as names are in books.
-# The one-token names of the schedule are then the only one-token names in the text.
-# Measured (2-layer, hidden-64 model, 2026-11): even so, LM training on this domain did not form
-# the copy circuit within the tiny pipeline's budgets (chance-level retrieval after 2.4M tokens of
-# long documents alone); see the retrieval prototype report before relying on it.
-ROLES = ("baker", "smith", "fisher", "teacher", "doctor", "miller", "guard", "painter")
-PLACES = ("market", "harbor", "mill", "school", "bridge", "tower", "forest", "square")
-OBJECTS = ("lamp", "rope", "basket", "map", "bell", "coat", "letter", "hammer")
-LONG_SENTENCES = (  # filler: no days, so the day -> name schedule stays unambiguous
-    "{N} the {R} walked to the {P} to fetch a {O}.",
-    "At the {P}, {N} met {M}, who was carrying a {O}.",
-    "{N} told {M} that the {P} would be busy before the evening.",
-    "The {P} was quiet, so {N} the {R} sat down and waited for {M}.",
-    "Everyone in {T} knew that {N} was the {R} and {M} was the {S}.",
-    "{M} asked {N} for a {O}, and {N} agreed to bring it the next morning.",
-    "By noon, {N} had finished the work at the {P}.",
-    "Later, {N} and {M} went back to the {P} together.",
-)
-FACT_SENTENCES = (  # "{d} {n}": the day (key) is directly followed by its person (value)
-    "Every {d} {n} opened the {P} early.",
-    "On {d} {n} walked to the {P} to fetch a {O}.",
-    "That {d} {n} met {M} at the {P}.",
-    "Each {d} {n} carried a {O} to the {P}.",
-    "Last {d} {n} waited at the {P} for {M}.",
-    "On {d} {n} and {M} cleaned the {P}.",
-    "As usual, on {d} {n} rang the bell of the {P}.",
-    "Nobody in {T} was surprised that on {d} {n} kept the {P}.",
-)
+Document = Union[str, dict]  # a text, or {"prompt": ..., "text": ...}: loss on the text only
+GENERATORS: dict[str, Callable[[random.Random], Document]] = {
+    "web": web, "code": code, "math": math, "technical": technical, "chat": chat,
+    "long": chronicle.long, "repo": repo, "recall": chronicle.recall}
 
 
-SYLLABLES = ("vel", "lor", "an", "tho", "mir", "ka", "sen", "dru", "bel", "ost", "rin", "ga",
-             "quo", "zim", "har", "wen", "pel", "u", "dor", "is")
-
-
-def surname(r: random.Random) -> str:
-    """An invented family name of two or three syllables ("Velloran")."""
-    return "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
-
-
-def long_cast(r: random.Random, count: int = 5) -> list[tuple[str, str]]:
-    """The main characters: (invented full name, role). Their names are never single tokens, so
-    the only one-token names (NAMES) in a chronicle are the people of its schedule."""
-    return [(f"{surname(r)} {surname(r)}", role) for role in r.sample(ROLES, count)]
-
-
-RHYME_WORDS = ("river", "candle", "bridge", "garden", "orange", "planet", "window", "rabbit",
-               "pencil", "lamp", "rope", "basket", "map", "bell", "coat", "letter", "hammer",
-               "stone", "apple", "cloud", "silver", "winter", "moon", "salt", "feather", "honey",
-               "wolf", "anchor", "mirror", "thread", "lantern", "meadow")
-QUOTE_NEW = ("{N} wrote a rhyme on the wall of the {P}: \"{q}\"",
-             "That night {N} sang a new song to {M}: \"{q}\"",
-             "{N} found an old note at the {P}. It said: \"{q}\"")
-QUOTE_AGAIN = ("{M} still remembered the words: \"{q}\"",
-               "Again {N} sang the old song: \"{q}\"",
-               "At the {P}, someone read the note aloud: \"{q}\"")
-
-
-def rhyme(r: random.Random) -> str:
-    words = [r.choice(RHYME_WORDS) for _ in range(r.randint(6, 12))]
-    return " ".join(words).capitalize() + "."
-
-
-def long_fill(r: random.Random, cast, town: str, template: str | None = None, **kw) -> str:
-    """One chronicle sentence about two of ``cast`` (pairs of name and role) in ``town``;
-    ``template`` defaults to a filler sentence, ``kw`` fills a fact template's {d} and {n}."""
-    (n, role), (m, other) = r.sample(cast, 2)
-    return (template or r.choice(LONG_SENTENCES)).format(
-        N=n, R=role, M=m, S=other, T=town, P=r.choice(PLACES), O=r.choice(OBJECTS), **kw)
-
-
-def long(r: random.Random) -> str:
-    town = r.choice(TOWNS)
-    keys = r.randint(2, 5)
-    cast = long_cast(r)
-    facts = list(zip(r.sample(DAYS, keys), r.sample(NAMES, keys)))  # day -> whose day it is
-    out = [f"# The Chronicle of {town}", "## Who is who\n\n" + "\n".join(
-        f"- {n} is the {role} of {town}." for n, role in cast),
-           "## The week\n\n" + " ".join(
-        long_fill(r, cast, town, r.choice(FACT_SENTENCES), d=d, n=n) for d, n in facts)]
-    rhymes: list[str] = []
-    for ch in range(1, r.randint(12, 26) + 1):
-        # Dense chapters recall the schedule every few sentences (many short-range copies); sparse
-        # ones rarely (copies across hundreds of tokens).
-        rate = r.choice((0.3, 0.7, 0.9))
-        sents = []
-        new_at = r.randint(0, 9) if r.random() < 0.3 else -1  # a new rhyme now and then
-        for j in range(r.randint(10, 16)):
-            if j == new_at:
-                rhymes.append(rhyme(r))
-                sents.append(long_fill(r, cast, town, r.choice(QUOTE_NEW), q=rhymes[-1]))
-            elif rhymes and r.random() < 0.1:
-                sents.append(long_fill(r, cast, town, r.choice(QUOTE_AGAIN), q=r.choice(rhymes)))
-            elif r.random() < rate:
-                d, n = r.choice(facts)
-                sents.append(long_fill(r, cast, town, r.choice(FACT_SENTENCES), d=d, n=n))
-            else:
-                sents.append(long_fill(r, cast, town))
-        out.append(f"## Chapter {ch}: the {r.choice(PLACES)}\n\n" + " ".join(sents))
-    out.append("## Summary\n\n" + " ".join(f"{n} was the {role}." for n, role in cast)
-               + " " + " ".join(f"On {d} {n} still kept the {r.choice(PLACES)}." for d, n in facts))
-    return "\n\n".join(out)
-
-
-GENERATORS: dict[str, Callable[[random.Random], str]] = {
-    "web": web, "code": code, "math": math, "technical": technical, "chat": chat, "long": long,
-    "repo": repo}
-
-
-def generate(domain: str, documents: int, seed: int) -> Iterator[str]:
-    """Yield ``documents`` texts of ``domain``; document i depends only on (domain, seed, i)."""
+def generate(domain: str, documents: int, seed: int) -> Iterator[Document]:
+    """Yield ``documents`` documents of ``domain``; document i depends only on (domain, seed, i)."""
     if domain not in GENERATORS:
         raise ValueError(f"unknown corpus domain {domain!r}; known: {', '.join(GENERATORS)}")
     gen = GENERATORS[domain]
@@ -403,10 +284,17 @@ def generate(domain: str, documents: int, seed: int) -> Iterator[str]:
 
 
 def write_jsonl(domain: str, documents: int, seed: int, path: Path) -> int:
-    """Write the documents as JSONL (one ``{"text": ...}`` per line); return the count."""
+    """Write the documents as JSONL (one ``{"text": ...}`` or ``{"prompt": ..., "text": ...}``
+    per line); return the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        for text in generate(domain, documents, seed):
-            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        for doc in generate(domain, documents, seed):
+            row = doc if isinstance(doc, dict) else {"text": doc}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return documents
+
+
+def full_text(doc: Document) -> str:
+    """What the model reads of a document: the prompt (if any) followed by the text."""
+    return doc["prompt"] + doc["text"] if isinstance(doc, dict) else doc

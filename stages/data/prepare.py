@@ -5,7 +5,8 @@ An embedded generator source is first written to ``raw/<name>.jsonl`` and then r
 loading path a real corpus takes is the one the tests exercise.
 
 Outputs per source: ``sources/<name>.parquet`` (train) and ``heldout/<name>.parquet``, each with a
-single ``text`` column. The held-out rows are a seeded permutation's first
+``text`` column, and a ``prompt`` column for sources whose documents have prompts (the tokenize
+stage gives prompt tokens no loss). The held-out rows are a seeded permutation's first
 ``round(rows * validation_fraction)`` rows (at least one when the fraction is positive); the train
 rows keep their original order. Reruns write the same bytes.
 """
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from stages.base import Artifact, RunContext, file_digest
-from stages.data_kinds import PrepareDataConfig, SourceSpec
+from stages.data_kinds import PROMPTED_GENERATORS, PrepareDataConfig, SourceSpec
 from stages.schema import ConfigError
 
 
@@ -40,7 +41,8 @@ def describe(spec: SourceSpec) -> str:
 
 
 def load_source(name: str, spec: SourceSpec, seed: int, out_dir: Path, cache_dir: Path, stage: str):
-    """The source as a pyarrow table with one non-empty string column ``text``."""
+    """The source as a pyarrow table: a non-empty string column ``text``, and ``prompt`` (a
+    string column, possibly empty strings) for a source with prompts."""
     import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -50,24 +52,33 @@ def load_source(name: str, spec: SourceSpec, seed: int, out_dir: Path, cache_dir
         raw = out_dir / "raw" / f"{name}.jsonl"
         write_jsonl(spec.generator, spec.documents, seed, raw)
         builder, data_files, split = "json", [str(raw)], "train"
+        prompt_field = "prompt" if spec.generator in PROMPTED_GENERATORS else None
     else:
         builder, data_files, split = spec.builder, list(spec.data_files) or None, spec.split
+        prompt_field = spec.prompt_field
     datasets.disable_progress_bars()  # worker logs are files: one line per source, not \r bars
     # A cache inside the stage dir keeps the stage hermetic (no shared ~/.cache state between runs).
     ds = datasets.load_dataset(builder, data_files=data_files, split=split, cache_dir=str(cache_dir))
-    if spec.text_field not in ds.column_names:
-        raise ConfigError(
-            f"stages.{stage}.sources.{name}.text_field: source {name!r} has no column "
-            f"{spec.text_field!r}; columns found: {', '.join(ds.column_names)}. "
-            "Set text_field to the column that holds the document text.")
-    col = ds.data.table.column(spec.text_field).combine_chunks()
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise ConfigError(f"stages.{stage}.sources.{name}.text_field: column {spec.text_field!r} "
-                          f"holds {col.type}, not text")
-    col = col.cast(pa.string())
-    keep = pc.and_(pc.is_valid(col), pc.greater(pc.utf8_length(col), 0))  # drop null/empty docs
-    del ds
-    table = pa.table({"text": pc.filter(col, pc.fill_null(keep, False))})
+    fields = {"text": ("text_field", spec.text_field)}
+    if prompt_field is not None:
+        fields["prompt"] = ("prompt_field", prompt_field)
+    columns = {}
+    for out, (field, column) in fields.items():
+        if column not in ds.column_names:
+            raise ConfigError(
+                f"stages.{stage}.sources.{name}.{field}: source {name!r} has no column "
+                f"{column!r}; columns found: {', '.join(ds.column_names)}. "
+                f"Set {field} to the column that holds the document's {out}.")
+        col = ds.data.table.column(column).combine_chunks()
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            raise ConfigError(f"stages.{stage}.sources.{name}.{field}: column {column!r} "
+                              f"holds {col.type}, not text")
+        columns[out] = col.cast(pa.string())
+    col = columns["text"]
+    keep = pc.fill_null(pc.and_(pc.is_valid(col), pc.greater(pc.utf8_length(col), 0)), False)
+    del ds  # drop null/empty docs; a missing prompt is an empty one
+    table = pa.table({out: pc.filter(c if out == "text" else pc.fill_null(c, ""), keep)
+                      for out, c in columns.items()})
     if table.num_rows == 0:
         raise ConfigError(f"stages.{stage}.sources.{name}: no non-empty {spec.text_field!r} "
                           f"documents in {describe(spec)}")

@@ -4,6 +4,11 @@ One entry per document, its tokens followed by the EOD id, written with Megatron
 ``IndexedDatasetBuilder`` (uint16 when the vocabulary fits, else int32) so ``GPTDataset`` and
 ``BlendedMegatronDatasetBuilder`` read it directly. Train sources go to ``tokens/<name>``, held-out
 to ``heldout/<name>`` (output values are path prefixes, relative to the stage dir, without extension).
+
+A source with prompts (a ``prompt`` column) also gets a loss mask beside its tokens,
+``<prefix>.loss_mask.bin/.idx`` (``stages.training.mixture.LOSS_MASK_SUFFIX``): the same documents,
+one uint8 per token, 1 where the token is the text's (or its EOD) and 0 where it is the prompt's.
+Prompt and text are encoded separately, so the text's first token starts at the boundary.
 """
 from __future__ import annotations
 
@@ -13,24 +18,37 @@ import warnings
 from pathlib import Path
 
 from stages.base import Artifact, RunContext, StageInput, file_digest
-from stages.data.tokenizer import EOD, PAD, read_texts, source_outputs
+from stages.data.tokenizer import EOD, PAD, has_prompts, read_columns, source_outputs
 from stages.data_kinds import TokenizeConfig
 
 
 def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
-    """Tokenize a Parquet ``text`` column into ``<prefix>.bin/.idx``; return (documents, tokens)."""
+    """Tokenize a Parquet file into ``<prefix>.bin/.idx`` (and its loss mask when it has prompts);
+    return (documents, tokens)."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
+    from stages.training.mixture import loss_mask_prefix
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
+    prompted = has_prompts(parquet)
+    masks = IndexedDatasetBuilder(get_bin_path(loss_mask_prefix(prefix)), dtype=np.uint8) \
+        if prompted else None
     docs = tokens = 0
-    for texts in read_texts(parquet):
-        for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
-            ids = np.fromiter((*enc.ids, eod_id), dtype=dtype)
+    columns = ["prompt", "text"] if prompted else ["text"]
+    for batch in read_columns(parquet, columns):
+        encoded = [tok.encode_batch_fast(col, add_special_tokens=False) for col in batch]
+        for parts in zip(*encoded):
+            ids = np.fromiter((*(i for enc in parts for i in enc.ids), eod_id), dtype=dtype)
             builder.add_document(ids, [ids.size])
+            if masks is not None:
+                mask = np.ones(ids.size, dtype=np.uint8)
+                mask[:len(parts[0].ids)] = 0  # the prompt's tokens
+                masks.add_document(mask, [mask.size])
             docs, tokens = docs + 1, tokens + ids.size
     builder.finalize(get_idx_path(str(prefix)))
+    if masks is not None:
+        masks.finalize(get_idx_path(loss_mask_prefix(prefix)))
     return docs, tokens
 
 

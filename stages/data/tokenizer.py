@@ -27,18 +27,35 @@ def source_outputs(data: StageInput, prefix: str = "sources/") -> list[str]:
     return sorted(k for k in data.artifact.outputs if k.startswith(prefix))
 
 
-def read_texts(path: Path, limit: int | None = None, batch_size: int = 1024) -> Iterator[list[str]]:
-    """Batches of the ``text`` column of a Parquet file, at most ``limit`` texts in all."""
+def has_prompts(path: Path) -> bool:
+    """Whether a prepared Parquet file has a ``prompt`` column (completion-only loss)."""
+    import pyarrow.parquet as pq
+    return "prompt" in pq.ParquetFile(path).schema_arrow.names
+
+
+def read_columns(path: Path, columns: list[str], limit: int | None = None,
+                 batch_size: int = 1024) -> Iterator[list[list[str]]]:
+    """Batches of ``columns`` (one list per column) of a Parquet file, at most ``limit`` rows."""
     import pyarrow.parquet as pq
     left = limit
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["text"]):
-        texts = batch.column(0).to_pylist()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        cols = [batch.column(i).to_pylist() for i in range(len(columns))]
         if left is not None:
-            texts, left = texts[:left], left - len(texts[:left])
-        if texts:
-            yield texts
+            cols, left = [c[:left] for c in cols], left - len(cols[0][:left])
+        if cols[0]:
+            yield cols
         if left is not None and left <= 0:
             return
+
+
+def read_texts(path: Path, limit: int | None = None, batch_size: int = 1024) -> Iterator[list[str]]:
+    """Batches of what the model reads of each document (the prompt, if any, then the text)."""
+    if not has_prompts(path):
+        for (texts,) in read_columns(path, ["text"], limit, batch_size):
+            yield texts
+        return
+    for prompts, texts in read_columns(path, ["prompt", "text"], limit, batch_size):
+        yield [p + t for p, t in zip(prompts, texts)]
 
 
 def build_tokenizer():

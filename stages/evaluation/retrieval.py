@@ -1,9 +1,11 @@
 """Needle-in-a-haystack retrieval probes (single- and multi-key, RULER-style) for context extension.
 
-The task is the one the ``long`` corpus domain teaches (``stages.data.corpus``): a chronicle gives
-days of the week to people ("Every Monday Mara opened the mill early."), and a later sentence that
-names the day must be continued with that person ("... Nobody was surprised that on Monday" ->
-" Mara"). Keys are days, values are names: both single tokens, the value right after the key.
+The task is the one the ``long`` and ``recall`` corpus domains teach (``stages.data.chronicle``):
+a chronicle gives days of the week to people ("Every Monday Mara opened the mill early."), and a
+later sentence that names the day must be continued with that person ("... Nobody was surprised
+that on Monday" -> " Mara"). Keys are days (single tokens), values are names (one or more tokens, whatever the
+tokenizer makes of them), the value right after the key. A probe is right when the model's greedy
+continuation is the whole name (exact match, as RULER scores generated strings).
 
 A probe of ``length`` tokens is built from whole token lists, never by re-tokenizing a joined text:
 
@@ -13,14 +15,16 @@ A probe of ``length`` tokens is built from whole token lists, never by re-tokeni
   nearest to fractional ``depth`` of the haystack (0 = first sentence, 1 = right before the query);
 - ``keys - 1`` distractor facts (other days, other people) at seeded random boundaries
   (the multi-key variant: only the day tells which person is meant);
-- the query: a fact sentence cut right after the day. ``answer`` is the person's single token.
+- the query: a fact sentence cut right after the day. ``answer`` is the person's tokens; the
+  probe's input is the query followed by all but the last answer token (teacher forcing, so one
+  forward pass scores the whole name), and that input has exactly ``length`` tokens.
 
-The five people of the filler have invented multi-token names (``corpus.long_cast``), so the
-answer occurs in the probe only in its needle.
+The five people of the filler have invented names (``chronicle.long_cast``) that are not in
+``NAMES``, so the answer occurs in the probe only in its needle.
 
 Every sentence is encoded as " " + text; with the byte-level pre-tokenizer a leading space starts
-a new pre-token, so the concatenated ids equal the encoding of the joined text. Keys and values
-are kept only if " Monday" and " Mara" are single tokens of the tokenizer given.
+a new pre-token, so the concatenated ids equal the encoding of the joined text. Days are kept
+only if " Monday" is a single token of the tokenizer given.
 
 Probe ``i`` of ``(length, depth, keys, seed)`` is drawn from its own string-seeded
 ``random.Random``: deterministic on every machine, and independent of ``samples``.
@@ -31,17 +35,23 @@ import dataclasses
 import random
 from typing import Callable, Iterable, Sequence
 
-from stages.data.corpus import DAYS, FACT_SENTENCES, NAMES, TOWNS, long_cast, long_fill
+from stages.data.chronicle import FACT_SENTENCES, long_cast, long_fill, query_template
+from stages.data.words import DAYS, NAMES, TOWNS
 
 CAST = 5  # people of the filler prose, as in a chronicle
 
 
 @dataclasses.dataclass
 class Probe:
-    tokens: list[int]   # exactly ``length`` ids, ending right before the answer
-    answer: int         # the single token the model must predict next
+    tokens: list[int]   # the context, ending right before the answer
+    answer: list[int]   # the name's tokens, which the model must continue with
     depth: float        # where the queried needle sits in the haystack (0 = start, 1 = end)
     keys: int           # facts in the context (1 = single needle; >1 = distractors too)
+
+    @property
+    def inputs(self) -> list[int]:
+        """What the model reads: the context and the answer but its last token (``length`` ids)."""
+        return self.tokens + self.answer[:-1]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -53,11 +63,6 @@ def single_token_words(tokenizer, words: Iterable[str]) -> list[str]:
     return [w for w in words if len(encode(tokenizer, " " + w)) == 1]
 
 
-def query_template(template: str) -> str:
-    """A fact template cut right after its day: "On {d} {n} walked ..." -> "On {d}"."""
-    return template[:template.index("{d}") + len("{d}")]
-
-
 def make_probes(tokenizer, length: int, depth: float, keys: int, samples: int,
                 seed: int) -> list[Probe]:
     """``samples`` probes of exactly ``length`` tokens (see the module docstring)."""
@@ -66,11 +71,10 @@ def make_probes(tokenizer, length: int, depth: float, keys: int, samples: int,
     if keys < 1:
         raise ValueError(f"keys must be >= 1, got {keys}")
     days = single_token_words(tokenizer, DAYS)
-    names = single_token_words(tokenizer, NAMES)
-    if len(days) < keys or len(names) < keys:
-        raise ValueError(f"{keys} keys need {keys} single-token days and names; this tokenizer "
-                         f"has {len(days)} ({days}) and {len(names)} ({names}); lower the "
-                         f"evaluation's keys to {min(len(days), len(names))} or below")
+    names = list(NAMES)
+    if len(days) < keys:
+        raise ValueError(f"{keys} keys need {keys} single-token days; this tokenizer has "
+                         f"{len(days)} ({days}); lower the evaluation's keys to {len(days)} or below")
     return [_probe(tokenizer, length, depth, keys, days, names,
                    random.Random(f"retrieval/{length}/{depth!r}/{keys}/{seed}/{i}"))
             for i in range(samples)]
@@ -87,9 +91,9 @@ def _probe(tokenizer, length: int, depth: float, keys: int, days: Sequence[str],
     query_text = " " + long_fill(r, cast, town, query_template(r.choice(FACT_SENTENCES)), d=day)
     query = encode(tokenizer, query_text)
     answer = encode(tokenizer, " " + person)
-    if len(answer) != 1 or encode(tokenizer, query_text + " " + person) != query + answer:
-        raise AssertionError(f"the answer {person!r} does not follow the query as a single token")
-    budget = length - len(query) - sum(map(len, needles))
+    if encode(tokenizer, query_text + " " + person) != query + answer:
+        raise AssertionError(f"the answer {person!r} does not tokenize apart from the query")
+    budget = length - len(query) - (len(answer) - 1) - sum(map(len, needles))
     if budget < 1:
         raise ValueError(f"length {length} is too short for {keys} needle(s) and a query "
                          f"({length - budget} tokens)")
@@ -113,26 +117,29 @@ def _probe(tokenizer, length: int, depth: float, keys: int, days: Sequence[str],
         if j < n:
             tokens += filler[j]
     tokens += query
-    assert len(tokens) == length, (len(tokens), length)
-    return Probe(tokens=tokens, answer=answer[0], depth=depth, keys=keys)
+    assert len(tokens) + len(answer) - 1 == length, (len(tokens), len(answer), length)
+    return Probe(tokens=tokens, answer=answer, depth=depth, keys=keys)
 
 
-def accuracy(last_logits_fn: Callable, probes: Sequence[Probe], batch_size: int) -> float:
-    """Exact match of the argmax of ``last_logits_fn(LongTensor[B, L]) -> [B, V]`` vs the answers.
+def accuracy(logits_fn: Callable, probes: Sequence[Probe], batch_size: int) -> float:
+    """Share of probes whose greedy continuation is their whole answer.
 
-    Probes are batched by length (each batch holds probes of one length)."""
+    ``logits_fn(LongTensor[B, L]) -> [B, L, V]`` scores the probes' ``inputs`` (teacher forcing:
+    answer token j is right when the argmax after the context and answer tokens < j is it).
+    Probes are batched by input length."""
     import torch
     if not probes:
         raise ValueError("no probes")
     by_length: dict[int, list[Probe]] = {}
     for p in probes:
-        by_length.setdefault(len(p.tokens), []).append(p)
+        by_length.setdefault(len(p.inputs), []).append(p)
     correct = 0
     with torch.no_grad():
         for group in by_length.values():
             for i in range(0, len(group), max(1, batch_size)):
                 chunk = group[i:i + max(1, batch_size)]
-                logits = last_logits_fn(torch.tensor([p.tokens for p in chunk], dtype=torch.long))
-                pred = logits.argmax(dim=-1).tolist()
-                correct += sum(int(a == p.answer) for a, p in zip(pred, chunk))
+                pred = logits_fn(torch.tensor([p.inputs for p in chunk], dtype=torch.long)).argmax(-1)
+                for row, p in zip(pred.tolist(), chunk):
+                    start = len(p.tokens) - 1  # the prediction made at the context's last token
+                    correct += int(row[start:start + len(p.answer)] == p.answer)
     return correct / len(probes)

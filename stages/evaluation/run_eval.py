@@ -25,16 +25,16 @@ def _load_model(spec, ckpt: Path, device: str):
     return model.eval()
 
 
-def _last_logits_fn(model, vocab: int, device: str):
+def _logits_fn(model, vocab: int, device: str):
     from stages.training.model import causal_mask
 
-    def last_logits(tokens: torch.Tensor) -> torch.Tensor:
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         b, s = tokens.shape
         tokens = tokens.to(device)
         with torch.no_grad():
             logits = model(tokens, torch.arange(s, device=device).expand(b, s), causal_mask(s, device))
-        return logits[:, -1, :vocab].float().cpu()  # rows past vocab are TP padding
-    return last_logits
+        return logits[..., :vocab].float().cpu()  # rows past vocab are TP padding
+    return logits_fn
 
 
 def _heldout(model, data: StageInput, config, device: str, out_dir: Path) -> dict[str, float]:
@@ -65,7 +65,7 @@ def _probes(tokenizer, config) -> dict[tuple[int, int, float], list]:
 
 def _retrieval(model, probes: dict, vocab: int, config, device: str, stage: str) -> dict[str, float]:
     from stages.evaluation.retrieval import accuracy
-    fn = _last_logits_fn(model, vocab, device)
+    fn = _logits_fn(model, vocab, device)
     out: dict[str, float] = {}
     for length in config.lengths:
         t0, cells = time.time(), []
@@ -137,9 +137,8 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
                 f"{ctx.stage}: retrieval of {config.from_} (rope theta {spec.rope_theta:g})")
         outputs = {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
     metrics["eval_s"] = time.time() - t0
-    from stages.data.corpus import NAMES
-    from stages.evaluation.retrieval import single_token_words
-    chance = 1.0 / max(1, len(single_token_words(tokenizer, NAMES)))  # a uniform guess of a name
+    from stages.data.words import NAMES
+    chance = 1.0 / len(NAMES)  # a uniform guess of a name
     return Artifact(kind="evaluate", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
                     extra={"model_stage": config.from_, "rope_theta": spec.rope_theta,
                            "probes_per_length": config.samples * len(config.depths) * len(config.keys),

@@ -175,7 +175,7 @@ def phase_data(config, inputs: dict[str, StageInput], out_dir: Path, document_ma
     dataset = build_blended_dataset(prefixes, used, config.seq_length,
                                     config.steps * config.global_batch_size, config.seed,
                                     int(extra["eod_id"]), out_dir / "data_cache",
-                                    document_mask=document_mask)
+                                    document_mask=document_mask, loss_weights=config.loss_weights)
     heldout = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
                if k.startswith("heldout/")}
     return dataset, int(extra["eod_id"]), heldout

@@ -14,6 +14,13 @@ with a ``.complete`` marker written after the build: a build killed half-way is 
 instead of being taken for a cache hit. Without torch.distributed a temporary world of one is set
 up for the build (Megatron's BlendedDataset asks for the rank).
 
+Loss masks and weights (``MaskedGPTDataset``): a source whose tokenize output has a loss mask
+companion (``<prefix>.loss_mask``, written for documents with prompts) has its prompt tokens
+excluded from the loss, and ``loss_weights`` scales a source's loss tokens (the training loss is
+the weighted token mean). A completion-only source has a handful of loss tokens per sample: at
+weight 1 they drown in the other sources' tokens (measured: the tiny model never learned the
+retrieval drills that way), so the pipelines weigh them up.
+
 Megatron wants a tokenizer for the special ids: ``EodTokenizer`` carries the EOD id and a pad id
 of -1 (packed training samples are never padded, so no real token may be masked as padding).
 """
@@ -31,6 +38,16 @@ import torch.distributed as dist
 from stages.training.cpu_shim import local_process_group
 
 PAD_NONE = -1  # Megatron's "no pad token" id: never equal to a real token
+LOSS_MASK_SUFFIX = ".loss_mask"  # <prefix>.loss_mask.bin/.idx: 1 where a token's prediction counts
+
+
+def loss_mask_prefix(prefix) -> str:
+    """Where the loss mask of the indexed dataset at ``prefix`` lives (it may not exist)."""
+    return str(prefix) + LOSS_MASK_SUFFIX
+
+
+def has_loss_mask(prefix) -> bool:
+    return Path(loss_mask_prefix(prefix) + ".idx").exists()
 
 
 class EodTokenizer:
@@ -41,6 +58,60 @@ class EodTokenizer:
         self.pad = PAD_NONE
         self.vocab_size = vocab_size  # None: the token dtype is read from the .idx file
         self.unique_identifiers = {"class": "EodTokenizer", "eod": self.eod, "pad": self.pad}
+
+
+def _masked_gpt_dataset_class():
+    """``MaskedGPTDataset``, defined on first use (importing Megatron's datasets costs seconds)."""
+    global MaskedGPTDataset
+    if MaskedGPTDataset is not None:
+        return MaskedGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    class _MaskedGPTDataset(GPTDataset):
+        """GPTDataset whose ``loss_mask`` also honours the source's loss mask companion (if any)
+        and is multiplied by ``loss_weight`` (set after the build, see ``set_loss_weights``)."""
+        loss_weight = 1.0
+
+        def __init__(self, indexed_dataset, dataset_path, *args, **kwargs):
+            super().__init__(indexed_dataset, dataset_path, *args, **kwargs)
+            self.mask_dataset = None
+            if dataset_path is not None and has_loss_mask(dataset_path):
+                self.mask_dataset = IndexedDataset(loss_mask_prefix(dataset_path), multimodal=False)
+                if len(self.mask_dataset) != len(indexed_dataset):
+                    raise RuntimeError(f"{loss_mask_prefix(dataset_path)} has {len(self.mask_dataset)}"
+                                       f" documents, its tokens {len(indexed_dataset)}; re-run tokenize")
+
+        def __getitem__(self, idx):
+            sample = super().__getitem__(idx)
+            if self.mask_dataset is not None:
+                sample["loss_mask"] = sample["loss_mask"] * self._companion_mask(idx)
+            if self.loss_weight != 1.0:
+                sample["loss_mask"] = sample["loss_mask"] * self.loss_weight
+            return sample
+
+        def _companion_mask(self, idx) -> torch.Tensor:
+            # The mask has the tokens' document layout, so Megatron's own sample lookup, run on
+            # the mask instead of the tokens, returns it aligned (no copy of the index logic).
+            tokens, self.dataset = self.dataset, self.mask_dataset
+            try:
+                mask, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+            finally:
+                self.dataset = tokens
+            assert self.config.add_extra_token_to_sequence  # labels are text[1:]
+            return torch.from_numpy(mask[1:] == 1).float()  # padding (PAD_NONE) counts as 0
+
+    MaskedGPTDataset = _MaskedGPTDataset
+    return MaskedGPTDataset
+
+
+MaskedGPTDataset = None
+
+
+def set_loss_weights(dataset, weights_by_prefix: dict[str, float]) -> None:
+    """Give each source dataset of ``dataset`` (a blend or one source) its loss weight."""
+    for part in getattr(dataset, "datasets", [dataset]):
+        part.loss_weight = float(weights_by_prefix.get(part.dataset_path, 1.0))
 
 
 def _build_dir(cache_dir: Path, description: dict) -> Path:
@@ -88,14 +159,15 @@ def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path,
 
 def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], seq_length: int,
                           num_samples: int, seed: int, eod_id: int, cache_dir: Path,
-                          document_mask: bool = False):
+                          document_mask: bool = False, loss_weights: dict[str, float] | None = None):
     """A dataset of ``num_samples`` samples (dicts with "tokens", "labels", "loss_mask", ...).
 
     ``prefixes``: source -> indexed-dataset prefix (path without .bin/.idx); ``weights``: source ->
-    weight (normalised here; 0 drops the source). Collective under torch.distributed.
+    weight (normalised here; 0 drops the source); ``loss_weights``: source -> multiplier of its
+    loss mask (default 1). Collective under torch.distributed.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    GPTDataset = _masked_gpt_dataset_class()
     unknown = sorted(set(weights) - set(prefixes))
     if unknown:
         raise KeyError(f"mixture sources without data: {unknown}; known sources: {sorted(prefixes)}")
@@ -119,13 +191,16 @@ def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], s
     dataset = _build_once(cache_dir, description, build)
     if len(dataset) < num_samples:
         raise RuntimeError(f"blend has {len(dataset)} samples, {num_samples} were asked for")
+    by_path = dict(zip(paths, (s for s in used)))
+    set_loss_weights(dataset, {p: (loss_weights or {}).get(s, 1.0) for p, s in by_path.items()})
     return dataset
 
 
 def build_heldout_dataset(prefix: str, seq_length: int, seed: int, eod_id: int, cache_dir: Path):
-    """One epoch of one source's held-out documents, packed like the training data."""
+    """One epoch of one source's held-out documents, packed like the training data (its loss mask
+    applies: a completion-only source's held-out loss is the loss on its completions)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    GPTDataset = _masked_gpt_dataset_class()
     path_str = str(Path(prefix).resolve())
     description = {"what": "heldout", "prefix": path_str, "seq_length": seq_length, "seed": seed,
                    "eod": eod_id}

@@ -34,7 +34,8 @@ def test_the_whole_chain_runs(chain):
 
 def test_each_extension_raises_length_and_theta_and_starts_fresh_adamw(chain):
     _, _, result = chain
-    previous = (128, 10000.0)
+    pre = artifact(result, "pretrain-4")["extra"]
+    previous = (pre["seq_length"], pre["model"]["rope_theta"])
     for i in (1, 2, 3):
         art = artifact(result, f"extend-{i}")
         now = (art["extra"]["seq_length"], art["extra"]["model"]["rope_theta"])
@@ -64,6 +65,8 @@ def test_evaluations_report_loss_and_retrieval_per_length_and_depth(chain):
     art = artifact(result, "eval-merge-2")
     m = art["metrics"]
     assert 0 < m["heldout_loss"] < 10
+    # the drills' held-out loss is their answers' loss only (their prompts carry none)
+    assert 0 < m["heldout_loss/recall"] < 10
     for n in (128, 256, 384, 512):
         assert 0.0 <= m[f"retrieval/L{n}"] <= 1.0
         for d in (0, 0.5, 1):

@@ -34,12 +34,12 @@ def test_identity_fields_are_pinned():
     schedule = ["kind", "lr", "min_lr", "warmup_steps", "power_a", "power_b", "decay_fraction", "gamma"]
     assert identity_field_paths(PretrainConfig) == (
         ["from_", "data"] + [f"model.{f}" for f in model] + ["tokens", "seq_length", "global_batch_size",
-                                                             "mixture"]
+                                                             "mixture", "loss_weights"]
         + [f"schedule.{f}" for f in schedule] + ["precision.dtype", "precision.fp8", "weight_decay",
                                                  "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "seed"])
     assert identity_field_paths(PrepareDataConfig) == [
         "sources.generator", "sources.documents", "sources.builder", "sources.data_files",
-        "sources.split", "sources.text_field", "seed", "validation_fraction"]
+        "sources.split", "sources.text_field", "sources.prompt_field", "seed", "validation_fraction"]
     assert identity_field_paths(TrainTokenizerConfig) == ["data", "vocab_size", "max_documents",
                                                           "min_frequency"]
     assert identity_field_paths(TokenizeConfig) == ["data", "tokenizer"]
@@ -115,7 +115,7 @@ BAD_INPUTS = [
     (["stages.pretrain-1.mixture.web=-1"], "stages.pretrain-1.mixture.web: weight -1.0 is negative"),
     (["stages.pretrain-1.mixture.web=0", "stages.pretrain-1.mixture.code=0",
       "stages.pretrain-1.mixture.math=0", "stages.pretrain-1.mixture.technical=0",
-      "stages.pretrain-1.mixture.long=0"], "stages.pretrain-1.mixture: all weights are zero"),
+      "stages.pretrain-1.mixture.long=0", "stages.pretrain-1.mixture.recall=0"], "stages.pretrain-1.mixture: all weights are zero"),
     (["stages.pretrain-1.mixture.nosuch=1"], "stages.pretrain-1.mixture.nosuch: no such source"),
     (["stages.pretrain-3.precision.fp8=delayed"], "stages.pretrain-3.precision.fp8: FP8 (delayed) needs a GPU"),
     (["stages.pretrain-1.tokens=[1"], "override:"),

@@ -45,7 +45,7 @@ def dag_for(*overrides):
     (["stages.extend-1.from=nowhere"], "stages.extend-1.from: unknown stage 'nowhere'"),
     (["stages.eval-merge-1.from=nowhere"], "stages.eval-merge-1.from: unknown stage 'nowhere'"),
     (["stages.merge-1.from=[extend-1,tokenize]"], "stages.merge-1.from[1]: 'tokenize' is not a model stage"),
-    (["stages.extend-1.rope_theta=5000.0"], "stages.extend-1.rope_theta: 5000 is below the theta of parent 'pretrain-4' (10000)"),
+    (["stages.extend-1.rope_theta=200.0"], "stages.extend-1.rope_theta: 200 is below the theta of parent 'pretrain-4' (300)"),
     (["stages.merge-1.base=null"], "stages.merge-1.base: method 'task_arithmetic' needs a base"),
     (["stages.merge-1.from=[extend-1]"], "stages.merge-1.from: a merge needs two or more parents"),
     (["stages.merge-1.weights=[1.0]"], "stages.merge-1.weights: 1 weights for 2 parents"),
@@ -85,7 +85,7 @@ def test_extension_model_takes_theta_and_length_but_keeps_its_shape():
     # extension-only identity fields, on top of the pretrain ones
     assert {"rope_theta", "document_mask"} <= set(identity_field_paths(ExtendContextConfig))
     # theta change -> new key for the extension and everything downstream only
-    before, after = dag_for(), dag_for("stages.extend-2.rope_theta=60000.0")
+    before, after = dag_for(), dag_for("stages.extend-2.rope_theta=1200.0")
     changed = {n for n in before.nodes if before.nodes[n].key != after.nodes[n].key}
     assert {"extend-2", "merge-2", "extend-3", "eval-merge-3"} <= changed
     assert not changed & {"pretrain-4", "extend-1", "merge-1", "eval-merge-1"}

@@ -29,41 +29,57 @@ def day_ids(tok) -> set[int]:
 
 
 def induction_oracle(vocab: int):
-    """Predicts the token that followed the previous occurrence of the last token (a copy head)."""
+    """At every position, predicts the token that followed the earlier occurrence of the current
+    token with the longest common history (a copy head that matches a few tokens back, as induction
+    heads do); positions whose token never occurred before predict nothing."""
     def fn(tokens: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(tokens.shape[0], vocab)
+        out = torch.zeros(tokens.shape[0], tokens.shape[1], vocab)
         for b, row in enumerate(tokens.tolist()):
-            last = row[-1]
-            prev = max(i for i in range(len(row) - 1) if row[i] == last)
-            out[b, row[prev + 1]] = 1.0
+            for i, t in enumerate(row):
+                best, best_j = 0, None
+                for j in range(i - 1, -1, -1):
+                    n = 0
+                    while n < 4 and j - n >= 0 and row[j - n] == row[i - n]:
+                        n += 1
+                    if n > best:
+                        best, best_j = n, j
+                if best_j is not None:
+                    out[b, i, row[best_j + 1]] = 1.0
         return out
     return fn
 
 
+def name_of(tok, p: Probe) -> str:
+    return tok.decode(p.answer).strip()
+
+
 @pytest.mark.parametrize("length", [64, 128, 256, 512])
 @pytest.mark.parametrize("keys", [1, 3])
-def test_lengths_are_exact_and_the_answer_is_one_token(tokenizer, length, keys):
+def test_lengths_are_exact_and_the_answer_is_a_name(tokenizer, length, keys):
+    multi = 0
     for depth in (0.0, 0.5, 1.0):
         probes = make_probes(tokenizer, length, depth, keys, samples=4, seed=0)
         assert len(probes) == 4
         for p in probes:
             assert isinstance(p, Probe) and p.depth == depth and p.keys == keys
-            assert len(p.tokens) == length
-            assert isinstance(p.answer, int)
-            # the query ends with a day; the answer is a name, one token, and the probe plus its
-            # answer is exactly what the tokenizer makes of the decoded text
+            assert len(p.inputs) == length and p.inputs[:len(p.tokens)] == p.tokens
+            # the context ends with a day; the answer is a whole name (one or more tokens), and
+            # the probe plus its answer is exactly what the tokenizer makes of the decoded text
             assert p.tokens[-1] in day_ids(tokenizer)
-            assert tokenizer.decode([p.answer]).strip() in corpus.NAMES
-            assert encode(tokenizer, " " + tokenizer.decode([p.answer]).strip()) == [p.answer]
-            text = tokenizer.decode(p.tokens + [p.answer])
+            assert name_of(tokenizer, p) in corpus.NAMES
+            assert encode(tokenizer, " " + name_of(tokenizer, p)) == p.answer
+            multi += len(p.answer) > 1
+            text = tokenizer.decode(p.tokens + p.answer)
             if text.startswith(" "):  # the front cut may fall inside a word; compare from a space
-                assert encode(tokenizer, text)[-8:] == (p.tokens + [p.answer])[-8:]
+                assert encode(tokenizer, text)[-8:] == (p.tokens + p.answer)[-8:]
             # keys facts: each day of the context occurs once in a needle and the queried one again
             days = [t for t in p.tokens if t in day_ids(tokenizer)]
             assert len(days) == keys + 1 and len(set(days)) == keys
-            # the answer occurs in the probe exactly once: right after the queried day
-            at = [i for i, t in enumerate(p.tokens) if t == p.answer]
+            # the name occurs in the context exactly once: right after the queried day
+            n = len(p.answer)
+            at = [i for i in range(len(p.tokens) - n + 1) if p.tokens[i:i + n] == p.answer]
             assert len(at) == 1 and p.tokens[at[0] - 1] == p.tokens[-1]
+    assert multi > 0  # this small tokenizer splits most names: multi-token answers are exercised
 
 
 def test_needle_depth_placement(tokenizer):
@@ -73,7 +89,9 @@ def test_needle_depth_placement(tokenizer):
         probes = make_probes(tokenizer, length, depth, 1, samples=8, seed=3)
         rel = []
         for p in probes:
-            rel.append(p.tokens.index(p.answer) / (length - 1))  # the needle's value position
+            n = len(p.answer)  # the needle's value position:
+            at = next(i for i in range(len(p.tokens)) if p.tokens[i:i + n] == p.answer)
+            rel.append(at / (length - 1))
         positions[depth] = sum(rel) / len(rel)
     assert positions[0.0] < 0.05                     # at the very start
     assert positions[1.0] > 0.9                      # right before the query
@@ -105,35 +123,32 @@ def test_accuracy_on_oracles(tokenizer):
               for p in make_probes(tokenizer, 128, d, k, samples=5, seed=0)]
     probes += make_probes(tokenizer, 200, 0.3, 2, samples=4, seed=0)  # a second length
     vocab = tokenizer.get_vocab_size()
-    answers = {tuple(p.tokens): p.answer for p in probes}
+    by_inputs = {tuple(p.inputs): p for p in probes}
 
-    def perfect(tokens):
-        out = torch.zeros(tokens.shape[0], vocab)
-        for b, row in enumerate(tokens.tolist()):
-            out[b, answers[tuple(row)]] = 1.0
-        return out
+    def saying(pick):
+        """Logits that continue each probe's context with the tokens ``pick(probe)``."""
+        def fn(tokens):
+            out = torch.zeros(tokens.shape[0], tokens.shape[1], vocab)
+            for b, row in enumerate(tokens.tolist()):
+                p = by_inputs[tuple(row)]
+                for j, t in enumerate(pick(p)[:len(p.answer)]):
+                    out[b, len(p.tokens) - 1 + j, t] = 1.0
+            return out
+        return fn
 
+    perfect = saying(lambda p: p.answer)
     assert accuracy(perfect, probes, batch_size=4) == 1.0
-    # the task is solved exactly by copying what followed the previous occurrence of the last token
+    # the task is solved exactly by copying what followed the previous occurrence of each token
     assert accuracy(induction_oracle(vocab), probes, batch_size=7) == 1.0
     # a model that always says the same name is right only when that name is the answer
-    name = probes[0].answer
-
-    def constant(tokens):
-        out = torch.zeros(tokens.shape[0], vocab)
-        out[:, name] = 1.0
-        return out
-
+    name = max(probes, key=lambda p: len(p.answer)).answer
+    assert len(name) > 1
     expected = sum(p.answer == name for p in probes) / len(probes)
-    assert accuracy(constant, probes, batch_size=5) == pytest.approx(expected)
+    assert accuracy(saying(lambda p: name), probes, batch_size=5) == pytest.approx(expected)
     assert expected < 0.5
-    # half right: the oracle's answer on even batch rows only
-    def half(tokens):
-        out = perfect(tokens)
-        out[1::2] = constant(tokens)[1::2]
-        return out
-
-    acc = accuracy(half, probes[:8], batch_size=8)
-    assert acc == pytest.approx((4 + sum(p.answer == name for p in probes[1:8:2])) / 8)
+    # the first token alone is not enough: a wrong second token fails the probe
+    first_only = saying(lambda p: p.answer[:1] + [(t + 1) % vocab for t in p.answer[1:]])
+    single = sum(len(p.answer) == 1 for p in probes) / len(probes)
+    assert accuracy(first_only, probes, batch_size=6) == pytest.approx(single) and single < 1.0
     with pytest.raises(ValueError):
         accuracy(perfect, [], batch_size=4)
