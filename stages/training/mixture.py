@@ -26,6 +26,7 @@ of -1 (packed training samples are never padded, so no real token may be masked 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -60,15 +61,13 @@ class EodTokenizer:
         self.unique_identifiers = {"class": "EodTokenizer", "eod": self.eod, "pad": self.pad}
 
 
+@functools.cache
 def _masked_gpt_dataset_class():
     """``MaskedGPTDataset``, defined on first use (importing Megatron's datasets costs seconds)."""
-    global MaskedGPTDataset
-    if MaskedGPTDataset is not None:
-        return MaskedGPTDataset
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    class _MaskedGPTDataset(GPTDataset):
+    class MaskedGPTDataset(GPTDataset):
         """GPTDataset whose ``loss_mask`` also honours the source's loss mask companion (if any)
         and is multiplied by ``loss_weight`` (set after the build, see ``set_loss_weights``)."""
         loss_weight = 1.0
@@ -101,11 +100,7 @@ def _masked_gpt_dataset_class():
             assert self.config.add_extra_token_to_sequence  # labels are text[1:]
             return torch.from_numpy(mask[1:] == 1).float()  # padding (PAD_NONE) counts as 0
 
-    MaskedGPTDataset = _MaskedGPTDataset
     return MaskedGPTDataset
-
-
-MaskedGPTDataset = None
 
 
 def set_loss_weights(dataset, weights_by_prefix: dict[str, float]) -> None:
@@ -191,8 +186,7 @@ def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], s
     dataset = _build_once(cache_dir, description, build)
     if len(dataset) < num_samples:
         raise RuntimeError(f"blend has {len(dataset)} samples, {num_samples} were asked for")
-    by_path = dict(zip(paths, (s for s in used)))
-    set_loss_weights(dataset, {p: (loss_weights or {}).get(s, 1.0) for p, s in by_path.items()})
+    set_loss_weights(dataset, {p: (loss_weights or {}).get(s, 1.0) for p, s in zip(paths, used)})
     return dataset
 
 
