@@ -2,11 +2,12 @@
 
 - Held-out loss: the token-mean loss of each held-out source of the tokenize stage at
   ``heldout_length`` (the pretraining length, so every evaluation of a pipeline compares on the
-  same footing), and their plain mean ``heldout_loss``.
+  same footing), and their plain mean ``heldout_loss``. A source with prompts counts its
+  completions only (for the ``recall`` drills: the loss on their answers).
 - Retrieval (RULER-style, ``evaluation/retrieval.py``): for every target length in ``lengths``,
   every needle depth in ``depths`` and every key count in ``keys`` (1 = needle in a haystack,
-  more = multi-key with distractors), ``samples`` generated probes; exact match of the greedy next
-  token. Metrics ``retrieval/L<length>/k<keys>/d<depth>``, per length ``retrieval/L<length>``
+  more = multi-key with distractors), ``samples`` generated probes; exact match of the greedy
+  continuation with the whole answer (a name of one or more tokens). Metrics ``retrieval/L<length>/k<keys>/d<depth>``, per length ``retrieval/L<length>``
   (mean over depths and key counts) and ``retrieval`` (mean over everything).
 - ``retrieval.png``: a length x depth heat-map per key count, logged on the stage's MLflow run.
 
