@@ -9,8 +9,8 @@ import dataclasses
 from typing import Any, Literal
 
 from stages.base import StageKind
-from stages.schema import ConfigError, param, setting
-from stages.training.specs import ModelSpec, ScheduleSpec
+from stages.schema import ConfigError, param
+from stages.training.specs import ScheduleSpec
 
 ISSUE_POST_TRAINING = "not built yet: SFT, curation and RL come after issue 3 (no issue filed yet)"
 
