@@ -88,7 +88,7 @@ def test_mlflow_holds_lineage(built):
     assert len(losses) >= 5
     # dataset inputs with digests: the token sources of the phase's mixture
     names = {d.dataset.name: d.dataset.digest for d in p3.inputs.dataset_inputs}
-    assert {n.split("/")[-1] for n in names} == {"web", "math", "code", "technical", "chat"}
+    assert {n.split("/")[-1] for n in names} == {"web", "math", "code", "technical", "chat", "recall"}
     assert all(len(d) >= 16 for d in names.values())
     # the checkpoint is a logged model, output of its run and input of the next phase's run
     out_models = [o.model_id for o in p3.outputs.model_outputs]
