@@ -17,19 +17,18 @@ from stages.data.words import DAYS, NAMES, TOWNS
 # town ("Every Monday Mara opened the mill early."), states that schedule near the start, and keeps
 # mentioning it in the prose at random intervals, so a window of any length holds the pattern
 # "... Monday Mara ... on Monday" -> " Mara" at distances from a few tokens to several hundred.
-# Days (the keys) and names (the values) are single BPE tokens whatever the vocabulary (they are
-# frequent in the web and math domains too), and the value directly follows the key: the easiest
-# copy pattern for a small model (an induction head). The schedule is drawn per document, so only
+# Days (the keys) are single BPE tokens whatever the vocabulary (they are frequent in the web and
+# math domains too); names (the values) may be split, and the value directly follows the key: the
+# easiest copy pattern for a small model (an induction head). The schedule is drawn per document, so only
 # the context tells whose day it is. The filler prose never names a day.
 # Copying has to be learned before it can be used, and the recalls are only a few percent of the
 # tokens. To give a small model more to copy, chronicles also quote: a character writes down a
 # rhyme of random words, and later chapters quote it again word for word (runs of tokens that only
 # copying predicts), and the five main characters carry invented names ("Dorvel Quolorin"), split
 # into several tokens, so every later mention of a person is a copy too, as names are in books.
-# The one-token names of the schedule are then the only one-token names in the text.
 # Measured (2-layer, hidden-64 model, 2026-11): even so, LM training on this domain did not form
 # the copy circuit within the tiny pipeline's budgets (chance-level retrieval after 2.4M tokens of
-# long documents alone); see the retrieval prototype report before relying on it.
+# long documents alone); the ``recall`` drills below do.
 ROLES = ("baker", "smith", "fisher", "teacher", "doctor", "miller", "guard", "painter")
 PLACES = ("market", "harbor", "mill", "school", "bridge", "tower", "forest", "square")
 OBJECTS = ("lamp", "rope", "basket", "map", "bell", "coat", "letter", "hammer")
@@ -65,8 +64,8 @@ def surname(r: random.Random) -> str:
 
 
 def long_cast(r: random.Random, count: int = 5) -> list[tuple[str, str]]:
-    """The main characters: (invented full name, role). Their names are never single tokens, so
-    the only one-token names (NAMES) in a chronicle are the people of its schedule."""
+    """The main characters: (invented full name, role). Their names are never in ``NAMES``, so
+    the only ``NAMES`` in a chronicle are the people of its schedule."""
     return [(f"{surname(r)} {surname(r)}", role) for role in r.sample(ROLES, count)]
 
 
@@ -146,14 +145,14 @@ def query_template(template: str) -> str:
     return template[:template.index("{d}") + len("{d}")]
 
 
-def recall(r: random.Random, sentences: tuple[int, int] = RECALL_SENTENCES) -> dict:
+def recall(r: random.Random) -> dict:
     """One to four day -> person facts hidden in chronicle filler; the prompt ends with a sentence
     cut right after one of the days, and the text is its person (" Mara")."""
     town = r.choice(TOWNS)
     cast = long_cast(r)
     keys = r.randint(1, 4)
     facts = list(zip(r.sample(DAYS, keys), r.sample(NAMES, keys)))
-    low, high = sentences
+    low, high = RECALL_SENTENCES
     count = int(math.exp(r.uniform(math.log(low), math.log(high + 1))))
     sents = [long_fill(r, cast, town) for _ in range(count)]
     for d, n in facts:

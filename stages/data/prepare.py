@@ -74,9 +74,10 @@ def load_source(name: str, spec: SourceSpec, seed: int, out_dir: Path, cache_dir
             raise ConfigError(f"stages.{stage}.sources.{name}.{field}: column {column!r} "
                               f"holds {col.type}, not text")
         columns[out] = col.cast(pa.string())
+    del ds
+    # Drop documents whose text is null or empty; a null prompt is an empty one.
     col = columns["text"]
     keep = pc.fill_null(pc.and_(pc.is_valid(col), pc.greater(pc.utf8_length(col), 0)), False)
-    del ds  # drop null/empty docs; a missing prompt is an empty one
     table = pa.table({out: pc.filter(c if out == "text" else pc.fill_null(c, ""), keep)
                       for out, c in columns.items()})
     if table.num_rows == 0:

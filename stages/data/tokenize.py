@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from stages.base import Artifact, RunContext, StageInput, file_digest
-from stages.data.tokenizer import EOD, PAD, has_prompts, read_columns, source_outputs
+from stages.data.tokenizer import EOD, PAD, document_columns, read_columns, source_outputs
 from stages.data_kinds import TokenizeConfig
 
 
@@ -31,11 +31,10 @@ def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple
     from stages.training.mixture import loss_mask_prefix
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
-    prompted = has_prompts(parquet)
+    columns = document_columns(parquet)
     masks = IndexedDatasetBuilder(get_bin_path(loss_mask_prefix(prefix)), dtype=np.uint8) \
-        if prompted else None
+        if columns[0] == "prompt" else None
     docs = tokens = 0
-    columns = ["prompt", "text"] if prompted else ["text"]
     for batch in read_columns(parquet, columns):
         encoded = [tok.encode_batch_fast(col, add_special_tokens=False) for col in batch]
         for parts in zip(*encoded):

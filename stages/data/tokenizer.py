@@ -27,12 +27,6 @@ def source_outputs(data: StageInput, prefix: str = "sources/") -> list[str]:
     return sorted(k for k in data.artifact.outputs if k.startswith(prefix))
 
 
-def has_prompts(path: Path) -> bool:
-    """Whether a prepared Parquet file has a ``prompt`` column (completion-only loss)."""
-    import pyarrow.parquet as pq
-    return "prompt" in pq.ParquetFile(path).schema_arrow.names
-
-
 def read_columns(path: Path, columns: list[str], limit: int | None = None,
                  batch_size: int = 1024) -> Iterator[list[list[str]]]:
     """Batches of ``columns`` (one list per column) of a Parquet file, at most ``limit`` rows."""
@@ -48,14 +42,17 @@ def read_columns(path: Path, columns: list[str], limit: int | None = None,
             return
 
 
+def document_columns(path: Path) -> list[str]:
+    """The columns of a prepared Parquet file that make a document: ["prompt", "text"] when it has
+    prompts (completion-only loss), else ["text"]."""
+    import pyarrow.parquet as pq
+    return ["prompt", "text"] if "prompt" in pq.ParquetFile(path).schema_arrow.names else ["text"]
+
+
 def read_texts(path: Path, limit: int | None = None, batch_size: int = 1024) -> Iterator[list[str]]:
     """Batches of what the model reads of each document (the prompt, if any, then the text)."""
-    if not has_prompts(path):
-        for (texts,) in read_columns(path, ["text"], limit, batch_size):
-            yield texts
-        return
-    for prompts, texts in read_columns(path, ["prompt", "text"], limit, batch_size):
-        yield [p + t for p, t in zip(prompts, texts)]
+    for cols in read_columns(path, document_columns(path), limit, batch_size):
+        yield ["".join(parts) for parts in zip(*cols)]
 
 
 def build_tokenizer():

@@ -117,6 +117,8 @@ BAD_INPUTS = [
       "stages.pretrain-1.mixture.math=0", "stages.pretrain-1.mixture.technical=0",
       "stages.pretrain-1.mixture.long=0", "stages.pretrain-1.mixture.recall=0"], "stages.pretrain-1.mixture: all weights are zero"),
     (["stages.pretrain-1.mixture.nosuch=1"], "stages.pretrain-1.mixture.nosuch: no such source"),
+    (["stages.pretrain-1.loss_weights={nosuch:2.0}"],
+     "stages.pretrain-1.loss_weights.nosuch: no such source"),
     (["stages.pretrain-3.precision.fp8=delayed"], "stages.pretrain-3.precision.fp8: FP8 (delayed) needs a GPU"),
     (["stages.pretrain-1.tokens=[1"], "override:"),
     (["stages.pretrain-1.tokens=lots"], "stages.pretrain-1.tokens: expected an integer"),
