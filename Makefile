@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# both environments in one venv (CPU, no vLLM); the GPU worker is the Dockerfile's image
+	$(PY) -m pip install -q -c constraints.txt -e '.[orchestrator,worker,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,9 @@
     forge plan pipeline=granite-4.1 model=granite-8b
     forge run -m stages.pretrain-4.schedule.lr=5e-4,1e-3     # sweep; shared stages run once
     forge status
+    forge deploy pipeline=granite-4.1-tiny --cron '0 2 * * *'   # nightly, served by Prefect
+    forge runs                      # runs, newest first, with the state of their stages
+    forge resume 20261129-171300-4242
     forge lineage pretrain-4
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import itertools
 import signal
 import sys
 import time
+from pathlib import Path
 
 from stages.schema import ConfigError
 
@@ -52,13 +56,62 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     plan.add_argument("--only", metavar="REGEX", help="as for run")
     plan.add_argument("--rerun", metavar="STAGE", action="append", default=[], help="as for run")
+    plan.add_argument("--graph", metavar="FILE.png",
+                      help="also draw the DAG, each stage coloured by its state, into FILE.png")
 
     status = sub.add_parser("status", help="which stages are complete, unfinished or never run")
     status.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
+    dep = sub.add_parser("deploy", help="serve a pipeline on a schedule (a Prefect deployment)",
+                         description="Validate the pipeline, register a Prefect deployment that "
+                         "runs `forge run OVERRIDES --only REGEX` on the schedule, and serve it from "
+                         "this process until Ctrl-C. Needs a Prefect server (PREFECT_API_URL). "
+                         "Trigger a run now with `prefect deployment run forge-scheduled/NAME`.",
+                         epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    dep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    dep.add_argument("--only", metavar="REGEX", help="as for run")
+    dep.add_argument("--cron", help="cron expression, e.g. '0 2 * * *' (02:00 every day)")
+    dep.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead")
+    dep.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    dep.add_argument("--paused", action="store_true", help="register with the schedule paused")
+
+    runs = sub.add_parser("runs", help="list pipeline runs and the state of each stage (from the store)")
+    runs.add_argument("run_id", nargs="?", metavar="RUN_ID", help="show this run's stages one by one")
+    runs.add_argument("--store", help="the store (default: $FORGE_STORE or ./forge-store)")
+    runs.add_argument("--limit", type=int, default=20, help="newest runs shown (default 20)")
+
+    resume = sub.add_parser("resume", help="run a failed or cancelled run again with its stored config",
+                            description="Re-run RUN_ID with exactly the resolved config stored with "
+                            "it (today's conf/ and overrides are not read): completed stages are "
+                            "cached, unfinished ones resume from their newest checkpoint.")
+    resume.add_argument("run_id", metavar="RUN_ID", help="from `forge runs` (a unique prefix will do)")
+    resume.add_argument("--store", help="the store (default: $FORGE_STORE or ./forge-store)")
+
     lin = sub.add_parser("lineage", help="print a stage's chain back to its data, from MLflow")
     lin.add_argument("stage", help="stage name, e.g. pretrain-4")
     lin.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI over the store's runs, models and registry",
+                        description="Start `mlflow server` on 127.0.0.1 over the store's tracking "
+                        "data (sqlite:///<store>/mlflow.db, artifacts in <store>/mlartifacts, or "
+                        "tracking.uri), print its URL and stay in the foreground until Ctrl-C.")
+    ui.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    ui.add_argument("--store", help="the store (default: $FORGE_STORE or ./forge-store)")
+    ui.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 5000 if free, else any free one)")
+
+    pro = sub.add_parser("promote", help="point a registered-model alias at a stage's current model",
+                         description="Set ALIAS on the version of the registered model "
+                         "<pipeline>.<STAGE> whose key is the stage's key under OVERRIDES (give "
+                         "the overrides of the run that made it).")
+    pro.add_argument("stage", help="a model stage, e.g. pretrain-4 or merge-3")
+    pro.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pro.add_argument("--alias", default="champion", help="alias to set (default: champion)")
+
+    lc = sub.add_parser("launch-command", help="print the command (Slurm, Kubernetes: and the Job "
+                        "manifest) that would start a stage's worker; runs nothing",
+                        epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    lc.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    lc.add_argument("--stage", help="stage name (default: the first training stage)")
     return p
 
 
@@ -66,10 +119,14 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     """a=1,2 b=3 -> [[a=1, b=3], [a=2, b=3]] (Hydra's override grammar)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(f"override: {str(e).splitlines()[0]}") from e
+    parser, parsed = OverridesParser.create(), []
+    for line in overrides:  # one at a time, so the error names the override that is wrong
+        try:
+            parsed += parser.parse_overrides([line])
+        except HydraException as e:
+            key = line.split("=", 1)[0] or line
+            raise ConfigError(f"{key}: bad override {line!r} ({str(e).splitlines()[0]}); a sweep "
+                              "looks like key=a,b,c") from e
     choices = []
     for o in parsed:
         key = o.get_key_element()
@@ -91,17 +148,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"\n=== multirun {i + 1}/{len(combos)}: {' '.join(combo)}")
             prep = runner.prepare(combo, args.only, tuple(args.rerun))  # sees what earlier runs made
         print(runner.plan_text(prep), flush=True)
-        t0 = time.time()
-        try:
-            result = runner.execute(prep)
-        except runner.PipelineFailed as e:
-            print(f"\nforge: pipeline failed after {time.time() - t0:.0f}s: {e}\n"
-                  "Fix the cause and run the same command again: finished stages are cached and the "
-                  "failed one resumes from its newest checkpoint.", file=sys.stderr)
-            code = 1
-            continue
-        print(f"\nfinished in {time.time() - t0:.0f}s\n" + runner.summary(prep, result), flush=True)
+        code = max(code, _execute(prep))
     return code
+
+
+def _execute(prep) -> int:
+    from flows import runner
+    t0 = time.time()
+    try:
+        result = runner.execute(prep)
+    except runner.PipelineFailed as e:
+        print(f"\nforge: pipeline failed after {time.time() - t0:.0f}s: {e}\n"
+              "Fix the cause and run the same command again, or `forge resume RUN_ID` (the run id "
+              "is above): finished stages are cached and the failed one resumes from its newest "
+              "checkpoint.", file=sys.stderr)
+        return 1
+    print(f"\nfinished in {time.time() - t0:.0f}s\n" + runner.summary(prep, result), flush=True)
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -112,6 +175,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     total = sum(s.tokens for s in prep.steps)
     print(f"\n{len(prep.steps)} stages valid; {total:.4g} training tokens in all; "
           f"model {pipe.resolved.get('model', {}).get('name', '?')}")
+    from flows.compute_view import format_compute, misfits
+    c = pipe.cluster
+    print(f"\ncompute on {c.accelerator} x{c.world_size} ({c.gpus_per_node} per node):\n"
+          + format_compute(prep.compute))
+    if args.graph:
+        from flows.graph import draw_plan
+        print(draw_plan(prep, args.graph))
+    bad = misfits(prep.compute)
+    if bad:
+        print("\nforge: these stages cannot fit their devices; `forge run` refuses them:\n"
+              + "\n".join("  " + p.refusal() for p in bad), file=sys.stderr)
+        return 2
     return 0
 
 
@@ -132,6 +207,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows import runner
+    from flows.compute_view import check_fits
+    from flows.plan import check_runnable
+    from flows.schedule import check_schedule, require_server
+    check_schedule(args.cron, args.interval)
+    prep = runner.prepare(args.overrides, args.only)      # a bad config fails now, not at 02:00
+    check_runnable(prep.steps)
+    check_fits(prep.compute, prep.steps)
+    require_server()
+    print(runner.plan_text(prep), flush=True)
+    from flows.schedule import FLOW_NAME, serve
+    when = f"cron '{args.cron}'" if args.cron else f"every {args.interval:g} s"
+    print(f"\nserving deployment {FLOW_NAME}/{args.name} ({when}); Ctrl-C stops serving\n"
+          f"  run it now:  prefect deployment run {FLOW_NAME}/{args.name}", flush=True)
+    serve(args.name, args.overrides, args.only, args.cron, args.interval, args.paused)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from flows import runs
+    store = Path(args.store).resolve() if args.store else runs.default_store()
+    if args.run_id:
+        print(runs.format_run(runs.find_run(store, args.run_id)))
+    else:
+        print(f"runs in {runs.runs_dir(store)} (newest first):\n"
+              + runs.format_runs(runs.list_runs(store), args.limit))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from flows import runner, runs
+    store = Path(args.store).resolve() if args.store else runs.default_store()
+    prep = runner.prepare_resume(args.run_id, store)
+    print(f"resuming run {prep.resumes} with its stored config\n" + runner.plan_text(prep), flush=True)
+    if not any(s.executes for s in prep.steps):
+        print("\nnothing to resume: every stage of that run is complete")
+        return 0
+    return _execute(prep)
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from flows import runner
     from flows.lineage_view import print_lineage
@@ -139,10 +255,43 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return print_lineage(prep.dag, args.stage)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.config import load
+    from flows.ui import serve
+    store = [f"store={Path(args.store).resolve()}"] if args.store else []
+    pipe = load(list(args.overrides) + store)
+    return serve(pipe.tracking_uri, pipe.store, args.port, lambda line: print(line, flush=True))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.registry import promote_stage
+    return promote_stage(args.overrides, args.stage, args.alias)
+
+
+def cmd_launch_command(args: argparse.Namespace) -> int:
+    from flows.config import load
+    from flows.dag import build
+    from flows.launchers import launch_plan
+    from stages.training.specs import stage_cluster
+    dag = build(load(args.overrides))
+    training = [n for n, node in dag.nodes.items() if node.kind_cls.launcher == "torchrun"]
+    name = args.stage or (training or list(dag.nodes))[0]
+    if name not in dag.nodes:
+        raise ConfigError(f"--stage {name}: no such stage; stages: {', '.join(dag.nodes)}")
+    node = dag.nodes[name]  # the layout the stage runs with (its own `parallel`, as the flow does)
+    cluster = stage_cluster(dag.pipeline.cluster, getattr(node.config, "parallel", None) or {})
+    print(f"# stage {name} ({node.kind}), launcher {cluster.launcher}; forge writes "
+          f"{node.out_dir / 'spec.json'} when the stage runs")
+    print(launch_plan(cluster, node.out_dir / "spec.json", node.kind_cls.launcher))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `forge plan | head` ends quietly
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage}
+    handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage,
+                "runs": cmd_runs, "resume": cmd_resume, "deploy": cmd_deploy,
+                "launch-command": cmd_launch_command, "ui": cmd_ui, "promote": cmd_promote}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

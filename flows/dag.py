@@ -82,13 +82,14 @@ def build(pipeline: PipelineConfig) -> Dag:
         refs = tuple(kind.parents(spec.config))
         for f in kind.parent_fields:
             ref = getattr(spec.config, f, None)
+            field = "from" if f == "from_" else f
             for r in ([ref] if isinstance(ref, str) else list(ref or ())):
                 if r not in specs:
-                    field = "from" if f == "from_" else f
                     raise ConfigError(f"stages.{name}.{field}: unknown stage {r!r}; "
                                       f"declared stages: {', '.join(specs)}")
                 if r == name:
-                    raise ConfigError(f"stages.{name}.{f}: a stage cannot be its own parent")
+                    raise ConfigError(f"stages.{name}.{field}: a stage cannot be its own parent; "
+                                      "name an earlier stage")
         parents[name] = tuple(dict.fromkeys(refs))
     order = _topological(parents)
     configs = {n: s.config for n, s in specs.items()}

@@ -1,9 +1,11 @@
 """Start a stage worker process, stream its output, and hold the stage's lock meanwhile.
 
 Training kinds start under ``torchrun`` (one process per rank, gloo on CPU); the others as plain
-``python -m stages.worker``. The worker is its own process group, so the orchestrator survives a
-worker crash and a test can kill the worker. Output goes line by line to ``worker.log`` in the
-output dir and to the ``log`` callback (Prefect's run logger).
+``python -m stages.worker``. On Slurm or Kubernetes the local process is salloc or kubectl, which
+waits for the remote workers (``flows/launchers.py`` builds every command). The worker is its own
+process group, so the orchestrator survives a worker crash and a test can kill the worker. Output
+goes line by line to ``worker.log`` in the output dir and to the ``log`` callback (Prefect's run
+logger).
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import fcntl
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
+from flows.launchers import check_available, prepare, settings_env, worker_command
 from stages.training.specs import ParallelSpec
+
+__all__ = ["StageFailed", "run_worker", "stage_lock", "worker_command", "worker_env"]
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, code: int, tail: list[str], log_path: Path):
-        self.stage, self.code, self.tail = stage, code, tail
+        self.stage, self.code, self.tail, self.log_path = stage, code, tail, log_path
         super().__init__(f"stage {stage} failed: worker exited with code {code}; last lines of "
                          f"{log_path}:\n" + "\n".join("    " + t for t in tail))
 
@@ -45,22 +49,8 @@ def stage_lock(store: Path, out_dir: Path, log: Callable[[str], None]) -> Iterat
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def worker_command(launcher: str, cluster: ParallelSpec, spec_path: Path) -> list[str]:
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={cluster.world_size}", "--max_restarts=0",
-                "-m", "stages.worker", str(spec_path)]
-    return [sys.executable, "-m", "stages.worker", str(spec_path)]
-
-
 def worker_env(cluster: ParallelSpec) -> dict[str, str]:
-    env = dict(os.environ)
-    threads = str(cluster.threads_per_worker)
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAYON_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
-    if cluster.threads_per_worker > 1:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"  # spin-waiting threads make 2 threads slower than 1
+    env = dict(os.environ, **settings_env(cluster))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -69,9 +59,11 @@ def worker_env(cluster: ParallelSpec) -> dict[str, str]:
 def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out_dir: Path,
                log: Callable[[str], None]) -> None:
     """Run one stage worker to completion; raise StageFailed with the log tail on error."""
+    check_available(cluster)  # no srun / kubectl here: stop before anything starts
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    prepare(launcher, cluster, spec_path)
     log_path = out_dir / "worker.log"
     tail: deque[str] = deque(maxlen=20)
     cmd = worker_command(launcher, cluster, spec_path)

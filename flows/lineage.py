@@ -6,21 +6,39 @@ git commit as tags, its training curve as metrics, every data source it read as 
 output, by reference (URI + manifest; weights are never uploaded). A stage served from cache is
 recorded on the parent run with a link to the run that produced it. Everything is read from the
 stage's output dir (artifact.json, metrics.jsonl), so MLflow is a view, not the truth.
+A model stage's LoggedModel is also registered as a model version (flows/registry.py). A sqlite
+store keeps its artifacts in ``<store>/mlartifacts``, which `forge ui` (flows/ui.py) serves.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from stages.base import Artifact
 
 TAG_KEY, TAG_STAGE, TAG_KIND, TAG_PIPELINE = "forge.key", "forge.stage", "forge.kind", "forge.pipeline"
+TAG_CONFIG_DIGEST = "forge.config_digest"
 MODEL_KINDS = {"pretrain", "extend_context", "merge", "sft", "rl"}
+ARTIFACTS = "mlartifacts"   # <store>/mlartifacts, beside <store>/mlflow.db
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a sqlite tracking store keeps run artifacts: beside its database file (MLflow's own
+    default is ./mlruns of whatever directory the pipeline was started from). None for servers."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?")[0]).resolve().parent / ARTIFACTS
+    return None
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def git_commit() -> str:
@@ -65,7 +83,9 @@ class Lineage:
         self.uri = uri
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        root = artifact_root(uri)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=root.as_uri() if root else None)
 
     # -- pipeline ---------------------------------------------------------------------------
     def start_pipeline(self, name: str, resolved: dict, overrides: list[str], flow_run_id: str) -> str:
@@ -83,6 +103,25 @@ class Lineage:
     def end_pipeline(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def log_loss_plot(self, run_id: str, nodes: Iterable[Any], title: str,
+                      warn: Callable[[str], None] = print) -> str | None:
+        """One plot of the training loss across all phases on the pipeline's run; None if no
+        training stage has metrics yet. Never raises: the curves stay in each metrics.jsonl, and a
+        picture that could not be drawn or sent must not fail a pipeline that trained."""
+        from flows.loss_plot import LOSS_PLOT, draw_loss, read_curves
+        try:
+            curves = read_curves(nodes)
+            if not curves:
+                return None
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / LOSS_PLOT
+                draw_loss(curves, path, title)
+                self.client.log_artifact(run_id, str(path))
+            return LOSS_PLOT
+        except Exception as e:  # noqa: BLE001 - MLflow down, disk full, a plotting bug
+            warn(f"loss plot not logged to MLflow run {run_id}: {type(e).__name__}: {e}")
+            return None
+
     def producer(self, key: str) -> tuple[str | None, str | None]:
         """(run id, model id) of the run that produced the stage with this key, if any."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KEY}` = '{key}' and "
@@ -94,8 +133,11 @@ class Lineage:
         return (runs[0].info.run_id if runs else None), (models[0].model_id if models else None)
 
     def record_cached(self, parent_run: str, stage: str, key: str) -> str | None:
-        run_id, _ = self.producer(key)
+        run_id, model_id = self.producer(key)
         self.client.set_tag(parent_run, f"forge.cached.{stage}", run_id or "produced outside MLflow")
+        if run_id and model_id:  # made before the registry existed: registered now, once
+            from flows.registry import register
+            register(self.client, self.uri, run_id, model_id)
         return run_id
 
     # -- stages -----------------------------------------------------------------------------
@@ -106,7 +148,8 @@ class Lineage:
         run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
             "mlflow.parentRunId": parent_run, TAG_KEY: node.key, TAG_STAGE: node.name,
             TAG_KIND: node.kind, TAG_PIPELINE: pipeline, "forge.out_dir": str(node.out_dir),
-            "forge.parent_keys": json.dumps(parent_keys), "mlflow.source.git.commit": git_commit()})
+            "forge.parent_keys": json.dumps(parent_keys), "mlflow.source.git.commit": git_commit(),
+            TAG_CONFIG_DIGEST: config_digest(config)})
         rid = run.info.run_id
         params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):
@@ -145,6 +188,8 @@ class Lineage:
             self.client.log_model_artifact(model.model_id, str(self._manifest(node, ckpt, artifact)))
             self.client.finalize_logged_model(model.model_id, "READY")
             self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
+            from flows.registry import register
+            register(self.client, self.uri, rid, model.model_id)  # never raises
         for rel in artifact.outputs.values():  # plots people would rather look at than read
             if rel.endswith(".png") and (node.out_dir / rel).exists():
                 self.client.log_artifact(rid, str(node.out_dir / rel))

@@ -1,7 +1,8 @@
 """The Prefect flow: one task per stage, cached by the stage's key across runs.
 
-The only module that imports Prefect. The flow body reads as plain Python: plan, then for each
-stage either record it as cached or run its task. The task takes the stage's lock, re-checks
+With flows/schedule.py (the served deployment), the only module that imports Prefect. The flow
+body reads as plain Python: plan, then for each stage either record it as cached or run its task
+(retried per the stage's ``retry:``; a retry resumes from the failed attempt's checkpoints). The task takes the stage's lock, re-checks
 ``artifact.json`` (the truth; Prefect's cache is only a fast path above it), launches the worker,
 streams its log, and records the stage in MLflow. Task results are small records, never tensors.
 """
@@ -18,11 +19,13 @@ from prefect.runtime import flow_run
 
 from flows.config import typed
 from flows.dag import Dag, Node, build
+from flows.failures import clear_failure, write_failure
 from flows.launch import StageFailed, run_worker, stage_lock
 from flows.lineage import MetricsTail, lineage_for
 from flows.plan import Step, complete, make_plan, write_stage_record
 from stages.base import ARTIFACT_FILE, read_artifact
 from stages.schema import to_dict
+from stages.training.specs import stage_cluster
 
 
 def load_run(run_file: str) -> tuple[dict, Dag, list[Step]]:
@@ -43,11 +46,14 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
     spec, dag, _ = load_run(run_file)
     node = dag.nodes[stage]
     store = dag.pipeline.store
+    attempt = TaskRunContext.get().task_run.run_count   # > 1: a retry of a failed attempt
     with stage_lock(store, node.out_dir, logger.info):
         if complete(node) and not force:
             logger.info(f"{stage}: cached (artifact.json with key {key[:12]} already there)")
             return record(node, executed=False)
-        if force and node.out_dir.exists():
+        if attempt > 1:
+            logger.info(f"{stage}: attempt {attempt}, resuming what the failed one left")
+        elif force and node.out_dir.exists():   # a retry keeps its own first attempt's checkpoints
             aside = node.out_dir.with_name(f"{node.out_dir.name}.replaced-{int(time.time())}")
             node.out_dir.rename(aside)
             logger.info(f"{stage}: forced rerun; previous output kept at {aside}")
@@ -55,24 +61,27 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         parent_keys = {p: dag.nodes[p].key for p in node.parents}
         config = to_dict(node.config)
         write_stage_record(node, parent_keys, config, started)
+        clear_failure(node.out_dir)  # this attempt replaces the last one
         inputs = {p: {"out_dir": str(dag.nodes[p].out_dir),
                       "artifact": json.loads((dag.nodes[p].out_dir / ARTIFACT_FILE).read_text())}
                   for p in node.parents}
+        cluster = stage_cluster(dag.pipeline.cluster, getattr(node.config, "parallel", None) or {})
         worker_spec = {"kind": node.kind, "stage": stage, "key": key, "config": config,
-                       "inputs": inputs, "out_dir": str(node.out_dir),
-                       "cluster": to_dict(dag.pipeline.cluster)}
+                       "inputs": inputs, "out_dir": str(node.out_dir), "cluster": to_dict(cluster)}
         lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
         mlflow_run = lineage.start_stage(parent_run, dag.pipeline.name, node, config, parent_keys)
         logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir} (MLflow run {mlflow_run})")
         try:
             with MetricsTail(lineage, mlflow_run, node.out_dir / "metrics.jsonl"):
-                run_worker(stage, node.kind_cls.launcher, dag.pipeline.cluster, worker_spec,
-                           node.out_dir, logger.info)
+                run_worker(stage, node.kind_cls.launcher, cluster, worker_spec, node.out_dir,
+                           logger.info)
             artifact = read_artifact(node.out_dir)
             if artifact is None or artifact.key != key:
                 raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
                                   node.out_dir / "worker.log")
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, StageFailed):  # on disk first: MLflow may be the next thing to fail
+                write_failure(node.out_dir, stage, key, e.code, e.tail, e.log_path)
             lineage.fail_stage(mlflow_run)
             raise
         upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
@@ -113,11 +122,12 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                 continue
             logger.info(f"{step.name}: {step.action} ({step.why})")
             forced = step.name in rerun
-            state = _call(step, run_file, parent_run, refresh=forced, force=forced)
+            retry = dag.pipeline.stages[step.name].retry
+            state = _call(step, run_file, parent_run, refresh=forced, force=forced, retry=retry)
             if state.name == "Cached" and not complete(step.node):
                 # Prefect's cache is a fast path, artifact.json the truth: a stale hit reruns.
                 logger.info(f"{step.name}: Prefect cache hit but no artifact.json; running it")
-                state = _call(step, run_file, parent_run, refresh=True, force=False)
+                state = _call(step, run_file, parent_run, refresh=True, force=False, retry=retry)
             if state.is_failed():
                 failed = step.name
                 records[step.name] = {"stage": step.name, "failed": True,
@@ -131,6 +141,8 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                                                                          step.node.key)
                 logger.info(f"{step.name}: cached -> {step.node.out_dir}")
     finally:
+        lineage.log_loss_plot(parent_run, dag.nodes.values(),
+                              f"{dag.pipeline.name}: training loss across phases", logger.warning)
         lineage.end_pipeline(parent_run, failed is None)
     result = {"parent_run": parent_run, "stages": records, "failed": failed,
               "tracking_uri": dag.pipeline.tracking_uri}
@@ -139,8 +151,11 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     return result
 
 
-def _call(step: Step, run_file: str, parent_run: str, refresh: bool, force: bool) -> Any:
-    task_run = run_stage.with_options(task_run_name=step.name, refresh_cache=refresh)
+def _call(step: Step, run_file: str, parent_run: str, refresh: bool, force: bool,
+          retry: Any = None) -> Any:
+    """One stage as a Prefect task run; a failed attempt is retried per the stage's `retry:`."""
+    options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s} if retry else {}
+    task_run = run_stage.with_options(task_run_name=step.name, refresh_cache=refresh, **options)
     return task_run(step.name, step.node.key, str(step.node.out_dir), run_file, parent_run, force,
                     return_state=True)
 

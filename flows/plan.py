@@ -64,12 +64,14 @@ def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) ->
     steps: list[Step] = []
     runs: set[str] = set()
     blocked: set[str] = set()
+    cluster = dag.pipeline.cluster
     for name, node in dag.nodes.items():
         tokens = node.kind_cls.tokens(node.config)
+        not_built = node.kind_cls.blocked(node.config, cluster)
         if name not in selected:
             why = ("left out by --only" if only is not None else "not selected")
-            if not node.kind_cls.built:
-                why += f"; kind {node.kind!r} {node.kind_cls.not_built_reason}"
+            if not_built:
+                why += f"; {not_built}"
             steps.append(Step(name, "skip", why, node, tokens))
             continue
         if name in rerun:
@@ -85,8 +87,8 @@ def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) ->
         if action != "cached":
             runs.add(name)
             stuck = [p for p in node.parents if p in blocked]
-            if not node.kind_cls.built:
-                action, why = "blocked", f"kind {node.kind!r} {node.kind_cls.not_built_reason}"
+            if not_built:
+                action, why = "blocked", not_built
             elif stuck:
                 action, why = "blocked", f"parent {', '.join(stuck)} cannot run yet"
             if action == "blocked":

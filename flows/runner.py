@@ -19,6 +19,7 @@ from typing import Callable
 from flows import config as config_mod
 from flows.dag import Dag, build
 from flows.plan import Step, check_runnable, format_plan, make_plan
+from flows.runs import write_status
 from stages.schema import ConfigError
 
 
@@ -29,18 +30,39 @@ class Prepared:
     overrides: tuple[str, ...]
     only: str | None
     rerun: tuple[str, ...]
+    compute: dict = dataclasses.field(default_factory=dict)   # stage -> StagePlan (training kinds)
+    resumes: str | None = None                                 # the RUN_ID a resume continues
 
 
 def prepare(overrides: list[str] | tuple[str, ...], only: str | None = None,
             rerun: tuple[str, ...] = ()) -> Prepared:
-    pipeline = config_mod.load(overrides)
-    dag = build(pipeline)
-    return Prepared(dag, make_plan(dag, only, rerun), tuple(overrides), only, tuple(rerun))
+    return _prepared(build(config_mod.load(overrides)), tuple(overrides), only, tuple(rerun))
+
+
+def prepare_resume(run_id: str, store: Path) -> Prepared:
+    """A stored run again, from its own resolved config (today's conf/ is not read)."""
+    from flows.runs import find_run
+    run = find_run(store, run_id)
+    prep = _prepared(run.dag(), tuple(run.spec.get("overrides", ())), run.spec.get("only"), ())
+    prep.resumes = run.run_id
+    return prep
+
+
+def _prepared(dag: Dag, overrides: tuple[str, ...], only: str | None,
+              rerun: tuple[str, ...]) -> Prepared:
+    from flows.compute_view import compute_plans
+    return Prepared(dag, make_plan(dag, only, rerun), overrides, only, rerun, compute_plans(dag))
 
 
 def check_hardware(prep: Prepared) -> None:
-    """What only this machine can tell: a GPU for cuda clusters and FP8 stages."""
+    """What only this machine can tell: a GPU for cuda clusters and FP8 stages; for Slurm and
+    Kubernetes, that this machine can launch there (the GPUs are the nodes', not ours)."""
+    from flows.launchers import check_available
     from stages.pretrain import require_fp8_runtime
+    if any(s.executes for s in prep.steps):
+        check_available(prep.dag.pipeline.cluster)
+    if prep.dag.pipeline.cluster.launcher != "torchrun":
+        return
     for s in prep.steps:
         precision = getattr(s.node.config, "precision", None)
         if s.executes and precision is not None:
@@ -94,28 +116,38 @@ def write_run_file(prep: Prepared) -> Path:
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
     path.write_text(json.dumps({"overrides": list(prep.overrides), "only": prep.only,
-                                "rerun": list(prep.rerun), "resolved": prep.dag.pipeline.resolved},
-                               indent=2, default=str))
+                                "rerun": list(prep.rerun), "resumes": prep.resumes,
+                                "resolved": prep.dag.pipeline.resolved}, indent=2, default=str))
     return path
 
 
 def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
     """Run the planned stages under Prefect; return the flow's result (raises on stage failure)."""
     check_runnable(prep.steps)
+    from flows.compute_view import check_fits
+    check_fits(prep.compute, prep.steps)   # a stage that cannot fit its devices stops here
     check_hardware(prep)
     store = prep.dag.pipeline.store
     configure_services(store)
     init_stores(prep)
     run_file = write_run_file(prep)
-    from flows.pipeline import forge_pipeline  # imports Prefect
-    state = forge_pipeline(str(run_file), prep.dag.pipeline.name, return_state=True)
+    say(f"run id {run_file.stem}  (forge runs {run_file.stem}; forge resume {run_file.stem})")
+    write_status(run_file, "running")
+    try:
+        from flows.pipeline import forge_pipeline  # imports Prefect
+        state = forge_pipeline(str(run_file), prep.dag.pipeline.name, return_state=True)
+    except KeyboardInterrupt:
+        write_status(run_file, "cancelled")
+        raise
     if state.is_failed():
         try:
             state.result()
         except Exception as e:  # the flow's exception carries the failing stage and log tail
+            write_status(run_file, "failed", error=str(e))
             raise PipelineFailed(str(e)) from e
     result = dict(state.result(), run_file=str(run_file))
     run_file.with_suffix(".result.json").write_text(json.dumps(result, indent=2, default=str))
+    write_status(run_file, "completed")
     return result
 
 
@@ -137,9 +169,14 @@ def summary(prep: Prepared, result: dict) -> str:
             lines.append(f"  {name:<12} {Path(rec['out_dir']) / rec['outputs']['checkpoint']}{loss}")
     uri = result["tracking_uri"]
     lines.append(f"MLflow: parent run {result['parent_run']} in {uri}")
-    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {uri} --port 5000   "
-                 "(then http://127.0.0.1:5000)")
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"  open the UI:  {uri}")
+    else:
+        lines.append(f"  open the UI:  forge ui --store {store}   (starts mlflow server, prints its URL)")
     lines.append(f"  lineage:      forge lineage pretrain-4   (store: {store})")
+    models = [n for n, r in result["stages"].items() if "checkpoint" in r.get("outputs", {})]
+    if models:  # the key must match: promote takes the run's own overrides
+        lines.append(f"  promote:      forge promote {models[-1]} --alias champion OVERRIDES")
     return "\n".join(lines)
 
 

@@ -109,6 +109,11 @@ class StageKind:
         """Cross-stage checks against every stage's config (parents exist); raise ConfigError."""
 
     @classmethod
+    def blocked(cls, config: Any, cluster: Any) -> str:
+        """Why this stage validates but cannot run yet ("" when it can)."""
+        return "" if cls.built else f"kind {cls.name!r} {cls.not_built_reason}"
+
+    @classmethod
     def tokens(cls, config: Any) -> int:
         """Tokens this stage trains on (0 for non-training stages), for ``forge plan``."""
         return 0

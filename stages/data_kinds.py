@@ -41,6 +41,12 @@ class SourceSpec:
                               "(a datasets builder with data_files)")
         if self.generator is not None and self.documents <= 0:
             raise ConfigError(f"documents: must be > 0, got {self.documents}")
+        if self.builder is not None and not self.builder.strip():
+            raise ConfigError("builder: is empty; name a datasets builder (json, parquet, text) "
+                              "or a hub dataset (org/name)")
+        if self.generator is not None and self.data_files:
+            raise ConfigError("data_files: are read by a `builder`; a generator makes its own "
+                              "documents (drop data_files, or use builder: json/parquet)")
         if self.generator is not None and self.prompt_field is not None:
             raise ConfigError("prompt_field: is for `builder` sources; a generator knows its "
                               "columns (drop prompt_field)")
@@ -102,6 +108,11 @@ class TrainTokenizerConfig:
         if self.vocab_size < 260:
             raise ConfigError(f"vocab_size: {self.vocab_size} is below the 256 bytes + specials of a "
                               "byte-level BPE; use at least 260")
+        if self.max_documents < 1:
+            raise ConfigError(f"max_documents: must be >= 1 (documents read per source to train "
+                              f"the tokenizer), got {self.max_documents}")
+        if self.min_frequency < 0:
+            raise ConfigError(f"min_frequency: must be >= 0, got {self.min_frequency}")
 
 
 class TrainTokenizer(StageKind):
@@ -126,6 +137,10 @@ class TokenizeConfig:
     data: str = param(doc="the prepare_data stage whose sources are tokenized")
     tokenizer: str = param(doc="the train_tokenizer stage")
     workers: int = setting(1, "processes used for tokenization")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
 
 
 class Tokenize(StageKind):

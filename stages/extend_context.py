@@ -11,7 +11,8 @@ parent's with ``rope_theta`` and ``max_position_embeddings`` replaced (``run_mod
 - with ``document_mask`` (default) each packed sample gets a block-diagonal causal mask, so no
   token attends across a document boundary (CPU backend; on GPU this needs THD packing, not
   wired yet, and the worker says so);
-- context parallelism comes from the cluster config and is validated here (``check_context``).
+- context parallelism comes from the cluster config or the stage's ``parallel``; it validates and
+  plans, but the training loop does not split sequences yet (the stage shows as blocked).
 
 Checks before compute: the parent is a model stage of the same shape, the new length is longer
 than the parent's, the length fits the CP split, the mixture names known sources.
@@ -67,5 +68,4 @@ class ExtendContext(Pretrain):
             raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below the theta "
                               f"of parent {config.from_!r} ({parent_theta:g}); raise it (or keep it) "
                               "for a longer context")
-        cluster.check_context(config.seq_length, f"stages.{stage}")
         super().check(dataclasses.replace(config, from_=None), stage, configs, cluster)

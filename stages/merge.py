@@ -54,10 +54,16 @@ class MergeConfig:
         if self.method in NEEDS_BASE and self.base is None:
             raise ConfigError(f"base: method {self.method!r} needs a base model stage, e.g. the "
                               "pre-extension parent")
+        if self.method not in NEEDS_BASE and self.base is not None:
+            raise ConfigError(f"base: method {self.method!r} takes no base model; drop base, or "
+                              f"use one of {', '.join(NEEDS_BASE)}")
         if self.method == "slerp" and (len(self.from_) != 2 or self.base not in self.from_):
             raise ConfigError("from: slerp merges exactly two parents, one of which is `base`")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density: must be in (0, 1], got {self.density}")
+        if self.density != 1.0 and self.method != "ties":
+            raise ConfigError(f"density: only the ties method trims task vectors; drop density "
+                              f"or set method=ties (method is {self.method!r})")
 
     def weight_of(self) -> dict[str, float]:
         ws = self.weights or tuple(1.0 for _ in self.from_)

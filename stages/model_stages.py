@@ -35,7 +35,8 @@ def require_model_stage(name: str | None, configs: dict[str, Any], where: str) -
     if name not in configs:
         raise ConfigError(f"{where}: no stage named {name!r}; known stages: {', '.join(configs)}")
     if not is_model_stage(configs[name]):
-        raise ConfigError(f"{where}: {name!r} is not a model stage (pretrain, extend_context or merge)")
+        raise ConfigError(f"{where}: {name!r} is not a model stage "
+                          "(pretrain, extend_context, merge, sft or rl); name one of those")
     return configs[name]
 
 

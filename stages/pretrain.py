@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageInput, StageKind
 from stages.schema import ConfigError, param, setting
-from stages.training.specs import ModelSpec, PrecisionSpec, ScheduleSpec
+from stages.training.specs import (LAYOUT_FIELDS, ModelSpec, PrecisionSpec, ScheduleSpec,
+                                   stage_cluster)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,10 @@ class PretrainConfig:
     grad_clip: float = param(1.0, "gradient-norm clip (0 = off)")
     seed: int = param(1234, "init / data-order seed")
     micro_batch_size: int = setting(0, "sequences per forward pass per rank (0 = whole local batch)")
+    parallel: dict[str, int] = setting(
+        factory=dict, doc="this stage's own layout over the cluster's: tensor_parallel, "
+                          "pipeline_parallel, context_parallel, data_parallel (e.g. a 512K-token "
+                          "extension needs more model parallelism than a 4K phase)")
     checkpoint_interval: int = setting(50, "save every N steps (and always at the end)")
     keep_checkpoints: int = setting(2, "newest checkpoints kept while training")
     log_interval: int = setting(10, "print progress every N steps")
@@ -76,6 +81,25 @@ class PretrainConfig:
                               f"({self.global_batch_size} x {self.seq_length} tokens)")
         if self.checkpoint_interval < 0:
             raise ConfigError("checkpoint_interval: must be >= 0")
+        for f in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ConfigError(f"{f}: must be in [0, 1), got {getattr(self, f)}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps: must be > 0, got {self.adam_eps}")
+        for f in ("weight_decay", "grad_clip"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"{f}: must be >= 0 (0 turns it off), got {getattr(self, f)}")
+        for f in ("log_interval", "keep_checkpoints"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"micro_batch_size: must be >= 0 (0 = the whole local batch), got "
+                              f"{self.micro_batch_size}")
+        for key, size in self.parallel.items():
+            if key not in LAYOUT_FIELDS:
+                raise ConfigError(f"parallel.{key}: unknown; a stage may set {', '.join(LAYOUT_FIELDS)}")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"parallel.{key}: must be an integer >= 1, got {size!r}")
 
     @property
     def steps(self) -> int:
@@ -105,19 +129,30 @@ class Pretrain(StageKind):
             if not isinstance(parent, PretrainConfig):
                 raise ConfigError(f"stages.{stage}.from: {config.from_!r} is not a pretrain stage")
             if identity(parent.model) != identity(config.model):
-                raise ConfigError(f"stages.{stage}.model: differs from parent {config.from_!r}'s model; "
-                                  "a phase continues the same model shape")
+                from stages.model_stages import shape_differences
+                diff = "; ".join(shape_differences(config.model, parent.model)) or "rope/positions"
+                raise ConfigError(f"stages.{stage}.model: differs from the model of parent "
+                                  f"{config.from_!r} ({diff}); a phase continues the same model shape")
         vocab = configs[tok.tokenizer].vocab_size
         if vocab > config.model.vocab_size:
             raise ConfigError(f"stages.{stage}.model.vocab_size: {config.model.vocab_size} is smaller "
                               f"than stage {tok.tokenizer!r}'s vocab_size ({vocab}); raise it")
-        cluster.check_model(config.model, f"stages.{stage}.model")
-        cluster.check_context(config.seq_length, f"stages.{stage}")
-        gbs, dp = config.global_batch_size, cluster.data_parallel
+        layout = stage_cluster(cluster, config.parallel)
+        layout.check_model(config.model, f"stages.{stage}.model")
+        layout.check_context(config.seq_length, f"stages.{stage}")
+        gbs, dp = config.global_batch_size, layout.data_parallel
         if gbs % dp:
             raise ConfigError(f"stages.{stage}.global_batch_size: {gbs} is not divisible by "
-                              f"cluster.data_parallel={dp}")
+                              f"data_parallel={dp}")
+        mbs = config.micro_batch_size
+        if mbs and (gbs // dp) % mbs:
+            raise ConfigError(f"stages.{stage}.micro_batch_size: {mbs} does not divide the batch per "
+                              f"data-parallel rank ({gbs} / {dp} = {gbs // dp})")
         check_precision(config.precision, cluster, f"stages.{stage}.precision")
+
+    @classmethod
+    def blocked(cls, config: PretrainConfig, cluster: Any) -> str:
+        return stage_cluster(cluster, config.parallel).not_built()
 
     @classmethod
     def tokens(cls, config: PretrainConfig) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 import re
 import types
 import typing
@@ -18,8 +19,10 @@ class ConfigError(ValueError):
     """Bad input found before any compute; the message names the field and the fix."""
 
 
-def setting(default: Any, doc: str = "") -> Any:
+def setting(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -> Any:
     """A non-identity field: changing it never changes a stage's key or output."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"identity": False, "doc": doc})
     return dataclasses.field(default=default, metadata={"identity": False, "doc": doc})
 
 
@@ -89,13 +92,14 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     # YAML says `from:`; Python fields cannot be keywords, so the field is `from_`.
-    data = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(fields))
+    data = {(k + "_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown field. Known fields: {', '.join(sorted(fields))}")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field. Known fields: "
+                          f"{', '.join(sorted(yaml_name(n) for n in fields))} (check the spelling)")
     kwargs = {}
     for name, f in fields.items():
-        path = f"{where}.{name}"
+        path = f"{where}.{yaml_name(name)}"
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{path}: required field is missing; set it in the stage's config")
@@ -110,6 +114,11 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
         if re.fullmatch(r"[A-Za-z_][\w./-]*", head) and ":" in msg:
             raise ConfigError(f"{where}.{msg}") from e
         raise ConfigError(f"{where}: {msg}") from e
+
+
+def yaml_name(field: str) -> str:
+    """The name a field has in YAML and in messages: `from_` is written `from`."""
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -142,12 +151,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return {_coerce(kt, k, f"{path}.{k}"): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list such as [a, b], got {value!r}")
         et = args[0] if args else Any
         return tuple(_coerce(et, v, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

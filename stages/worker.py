@@ -2,7 +2,8 @@
 
 The orchestrator writes one resolved spec file per stage run; the worker rebuilds the typed
 config, runs the stage kind, and (rank 0 only) writes ``artifact.json`` last. It never imports the
-orchestrator (Prefect, Hydra, MLflow).
+orchestrator (Prefect, Hydra, MLflow). A training run stopped by SIGTERM or SIGINT writes a checkpoint
+and exits ``128 + signal`` (``stages/training/preemption.py``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from stages import KINDS
 from stages.base import Artifact, RunContext, StageInput, write_artifact
 from stages.schema import from_dict
+from stages.training.preemption import Preempted
 from stages.training.specs import ParallelSpec
 
 
@@ -37,7 +39,12 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         (out_dir / "worker.pid").write_text(str(os.getpid()))
-    artifact = kind.run(config, inputs, out_dir, ctx)
+    try:
+        artifact = kind.run(config, inputs, out_dir, ctx)
+    except Preempted as stopped:  # SIGTERM/SIGINT: checkpoint written, a rerun resumes from it
+        if rank == 0:
+            print(f"[{ctx.stage}] {stopped}", flush=True)
+        return stopped.exit_code
     if rank == 0:
         write_artifact(out_dir, artifact)
         print(f"[{ctx.stage}] done: {out_dir / 'artifact.json'}", flush=True)

@@ -13,15 +13,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_prefect_server(home: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """A real `prefect server start` on a free loopback port; returns (process, API URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start_prefect_server(home: Path, timeout: float = 120,
+                         port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `prefect server start` on loopback (a free port unless given); (process, API URL)."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
     env.pop("PREFECT_API_URL", None)
-    log = open(Path(home) / "server.log", "w")
+    log = open(Path(home) / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"

@@ -13,8 +13,14 @@ Layout of ``<out_dir>/checkpoints/iter_XXXXXXX/`` (XXXXXXX = optimizer steps don
 
 A save writes into ``checkpoints/.tmp-iter_XXXXXXX``, renames it into place, then writes
 ``done`` atomically (tmp file + rename). A directory without a valid ``done`` is never
-taken as complete (``latest_complete``) and is removed by the next save. Pruning keeps the newest
-``keep`` complete checkpoints (so the final one, the newest, always stays).
+taken as complete (``latest_complete``) and is removed by the next save; a save that fails (a full
+disk: ENOSPC, EFBIG) removes what it wrote before it raises. Pruning keeps the newest ``keep``
+complete checkpoints (so the final one, the newest, always stays).
+
+``problem`` says why a directory is not a checkpoint to load: no or unreadable ``done``, a listed
+file missing, of another size or (``verify``) another sha256, a file ``done`` does not list.
+``latest_complete`` reports every newer directory it passes over (``on_reject``), so a resume
+never loads a damaged checkpoint, and never skips one without saying why.
 
 Every function that touches tensors is collective: all ranks call it. dist_checkpointing starts a
 ``spawn`` multiprocessing manager, so scripts that save need an ``if __name__ == "__main__"`` guard.
@@ -26,9 +32,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,20 +89,35 @@ def _files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != DONE)
 
 
+def problem(ckpt: Path, verify: bool = True) -> str:
+    """Why ``ckpt`` is not a complete checkpoint ("" when it is): ``done`` missing or unreadable, a
+    file it lists missing or of another size or (``verify``) sha256, or a file it does not list."""
+    ckpt = Path(ckpt)
+    if not (ckpt / DONE).is_file():
+        return f"no {DONE} manifest (a save that did not finish)"
+    try:
+        files = json.loads((ckpt / DONE).read_text())["files"]
+        listed = {rel: (int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{DONE} manifest is unreadable ({type(e).__name__}: {e})"
+    for rel, (size, sha) in listed.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {DONE} says {size}"
+        if verify and file_digest(p) != sha:
+            return f"{rel} fails its sha256 check"
+    extra = sorted(str(p.relative_to(ckpt)) for p in _files(ckpt)) if verify else []
+    extra = [rel for rel in extra if rel not in listed]
+    if extra:
+        return f"{extra[0]} is not listed in {DONE}"
+    return ""
+
+
 def is_complete(ckpt: Path, verify: bool = True) -> bool:
     """True if ``done`` is valid and every file it lists is there (with its sha256 if verify)."""
-    try:
-        manifest = json.loads((Path(ckpt) / DONE).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    for rel, meta in files.items():
-        p = Path(ckpt) / rel
-        if not p.is_file() or p.stat().st_size != meta["size"]:
-            return False
-        if verify and file_digest(p) != meta["sha256"]:
-            return False
-    return True
+    return not problem(ckpt, verify)
 
 
 def complete_checkpoints(out_dir: Path, verify: bool = False) -> list[Path]:
@@ -106,11 +129,20 @@ def complete_checkpoints(out_dir: Path, verify: bool = False) -> list[Path]:
     return [p for p in found if is_complete(p, verify)]
 
 
-def latest_complete(out_dir: Path, verify: bool = True) -> Path | None:
-    """The newest complete checkpoint under ``out_dir/checkpoints`` (checksums verified), or None."""
-    for p in reversed(complete_checkpoints(out_dir, verify=False)):
-        if not verify or is_complete(p, verify=True):
+def latest_complete(out_dir: Path, verify: bool = True,
+                    on_reject: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint under ``out_dir/checkpoints`` (checksums verified), or None.
+
+    ``on_reject(path, why)`` hears of each newer ``iter_*`` directory passed over, newest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")) \
+        if root.is_dir() else []
+    for p in reversed(found):
+        why = problem(p, verify)
+        if not why:
             return p
+        if on_reject is not None:
+            on_reject(p, why)
     return None
 
 
@@ -208,7 +240,12 @@ def prewarm_writer() -> None:
 
 
 def _exit_with_parent() -> None:
-    """Initializer of the manager process: exit once the process that started it is gone."""
+    """Initializer of the manager process: exit once the process that started it is gone.
+
+    It ignores SIGTERM and SIGINT: sent to the worker's whole process group (a scheduler, the
+    orchestrator), they would end it in the middle of the checkpoint the worker writes on them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch():
@@ -250,16 +287,23 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, for_load=False), str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    _barrier()
+    try:
+        dist_checkpointing.save(_sharded_state(model, optimizer, for_load=False), str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        _barrier()
+        if rank == 0:
+            _write_atomic(tmp / STATE, json.dumps(dataclasses.asdict(state), indent=1))
+            if final.exists():  # an earlier, incomplete save of the same step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_done(final, state)
+    except BaseException:
+        if rank == 0:  # a failed save (a full disk) leaves nothing behind to take space
+            for p in (tmp, final):
+                shutil.rmtree(p, ignore_errors=True)
+        raise
     if rank == 0:
-        _write_atomic(tmp / STATE, json.dumps(dataclasses.asdict(state), indent=1))
-        if final.exists():  # an earlier, incomplete save of the same step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_done(final, state)
         prune(out_dir, keep)
     _barrier()
     return final

@@ -20,7 +20,8 @@ the phase's blend; DP rank r takes its contiguous slice, in micro-batches of ``m
 (gradient accumulation); the loss is the token mean over the global batch; gradients are
 all-reduced by Megatron's DDP, clipped by the global norm (TP-aware), and AdamW steps with
 ``schedules.lr_at(...)``. Checkpoints: ``checkpoint.py``, every ``checkpoint_interval`` steps and
-at the end.
+at the end, and after the step in which a SIGTERM or SIGINT came (``preemption.py``: then the
+worker exits 143 / 130 and a rerun resumes there).
 Rank 0 appends every step's loss to ``metrics.jsonl`` and prints a progress line every
 ``log_interval`` steps. ``OMP_WAIT_POLICY`` is read when OpenMP loads: this module sets it to
 PASSIVE before torch is imported (FACTS.md: spinning threads are 2-6x slower on 2 cores).
@@ -48,6 +49,7 @@ from stages.base import Artifact, RunContext, StageInput  # noqa: E402
 from stages.schema import to_dict  # noqa: E402
 from stages.training import checkpoint as ckpt  # noqa: E402
 from stages.training.model import build_model, causal_mask, padded_vocab_size  # noqa: E402
+from stages.training.preemption import Preempted, StopSignals  # noqa: E402
 from stages.training.schedules import lr_at  # noqa: E402
 from stages.training.step import Env, heldout_losses, make_optimizer, train_step  # noqa: E402
 
@@ -134,8 +136,12 @@ def loss_summary(out_dir: Path, steps: int) -> dict[str, float]:
 
 def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage: str):
     """Resume this stage, or continue the parent phase, or start fresh (see the module docstring)."""
-    found = [ckpt.latest_complete(out_dir) if env.rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)  # rank 0 decides, so every rank loads the same one
+    found = [None, ""]  # (checkpoint to resume from, what is wrong with the parent's checkpoint)
+    if env.rank == 0:  # rank 0 decides, so every rank loads the same one
+        found[0] = newest_checkpoint(out_dir, stage)
+        if found[0] is None and config.from_ is not None:
+            found[1] = ckpt.problem(inputs[config.from_].path("checkpoint"))
+    dist.broadcast_object_list(found, src=0)
     layout = dict(world_size=env.world, tensor_parallel=env.tp, data_parallel=env.dp)
     if found[0] is not None:
         state = ckpt.load_checkpoint(Path(found[0]), model, optimizer, restore_rng=True)
@@ -143,6 +149,10 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
         say(env, f"[{stage}] resuming from {found[0]} (step {state.step})")
     elif config.from_ is not None:
         parent = inputs[config.from_].path("checkpoint")
+        if found[1]:
+            raise RuntimeError(f"[{stage}] the checkpoint of parent stage {config.from_} is damaged: "
+                               f"{parent}: {found[1]}; run {config.from_} again "
+                               f"(forge run --rerun {config.from_})")
         carry = config.carries_optimizer  # an extension starts fresh AdamW moments
         prev = ckpt.load_checkpoint(parent, model, optimizer if carry else None)
         state = ckpt.TrainState(tokens_total=prev.tokens_total,
@@ -154,6 +164,23 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
     if env.rank == 0:
         keep_metrics_upto(out_dir, state.step)
     return state
+
+
+def newest_checkpoint(out_dir: Path, stage: str) -> Path | None:
+    """The newest complete checkpoint of ``out_dir`` (checksums verified), or None; rank 0 only.
+
+    Each newer directory passed over is named in the log with the reason. One that claimed to be
+    complete (it has ``done``) but fails the check is moved aside to ``rejected-iter_XXXXXXX-<time>``
+    and kept for inspection: never loaded, never counted by pruning."""
+    def reject(path: Path, why: str) -> None:
+        if not (path / ckpt.DONE).exists():  # a save that was cut short: the next save replaces it
+            print(f"[{stage}] skipping {path}: {why}", flush=True)
+            return
+        aside = path.with_name(f"rejected-{path.name}-{int(time.time())}")
+        path.rename(aside)
+        print(f"[{stage}] REJECTED checkpoint {path}: {why}; moved to {aside.name}", flush=True)
+
+    return ckpt.latest_complete(out_dir, verify=True, on_reject=reject)
 
 
 def say(env: Env, text: str) -> None:
@@ -205,17 +232,20 @@ def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunCo
     out_dir = Path(out_dir)
     require_fp8_runtime(config.precision, f"stages.{ctx.stage}.precision")  # before any compute
     ckpt.prewarm_writer()  # overlaps the set-up below
+    stop = StopSignals().install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit (preemption.py)
     try:
         env = setup(ctx.cluster, config.seed)
-        return _train(config, inputs, out_dir, ctx, env, t_start)
+        return _train(config, inputs, out_dir, ctx, env, t_start, stop)
     finally:
+        stop.uninstall()
         teardown()
         # The worker exits next: spare the interpreter's final garbage collection over Megatron's
         # imports (~1.2 s per stage on this CPU). Objects stay freed by reference counting.
         gc.freeze()
 
 
-def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: float) -> Artifact:
+def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: float,
+           stop: StopSignals) -> Artifact:
     stage, steps, gbs, seq = ctx.stage, config.steps, config.global_batch_size, config.seq_length
     if gbs % env.dp:
         raise RuntimeError(f"global_batch_size {gbs} is not divisible by data_parallel={env.dp}")
@@ -269,6 +299,9 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
             say(env, f"[{stage}] step {state.step}/{steps} loss {loss:.3f} lr {lr:.1e} "
                      f"tok/s {rate:.0f} eta {(steps - state.step) * gbs * seq / rate:.0f}s")
             time_log, tok_log = train_time, train_tokens
+        if signum := stop.agreed(env.device):  # every rank stops after the same step
+            path = save(out_dir, model, optimizer, state, config, env, stage)
+            raise Preempted(signum, state.step, f"{ckpt.CHECKPOINTS}/{path.name}")
         if state.step < steps and config.checkpoint_interval and \
                 state.step % config.checkpoint_interval == 0:
             save(out_dir, model, optimizer, state, config, env, stage)

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 from stages.schema import ConfigError, param, setting
+from stages.training.launch_spec import KubernetesSpec, SlurmSpec, check_launch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,9 @@ class ModelSpec:
                   "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"{f}: must be positive, got {getattr(self, f)}")
+        for f in ("rope_theta", "layernorm_epsilon", "init_std"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"{f}: must be > 0, got {getattr(self, f)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_query_groups: {self.num_query_groups} does not divide "
@@ -47,12 +51,8 @@ class ModelSpec:
 
     def num_parameters(self) -> int:
         """Parameter count (tied embeddings counted once, norms included)."""
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        q = self.num_attention_heads * self.kv_channels
-        kv = 2 * self.num_query_groups * self.kv_channels
-        per_layer = h * (q + kv) + q * h + 3 * h * f + 2 * h
-        emb = v * h * (1 if self.tied_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        from stages.training.compute import Shape
+        return Shape.of(self).params()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,8 +62,20 @@ class ParallelSpec:
     data_parallel: int = setting(1, "DP size")
     context_parallel: int = setting(1, "CP size")
     device: Literal["cpu", "cuda"] = setting("cpu", "cpu trains through gloo, cuda through NCCL")
-    launcher: Literal["torchrun"] = setting("torchrun", "how stage workers start")
+    # Where workers run (stages/training/launch_spec.py); `forge launch-command` prints it.
+    launcher: Literal["torchrun", "slurm", "kubernetes"] = setting(
+        "torchrun", "torchrun on this machine, slurm (salloc + srun, torchrun per node) or "
+                    "kubernetes (an Indexed Job of the worker image)")
+    slurm: SlurmSpec = setting(SlurmSpec(), "launcher=slurm: partition, account, time, image")
+    kubernetes: KubernetesSpec = setting(KubernetesSpec(), "launcher=kubernetes: namespace, "
+                                                           "image, store claim")
     threads_per_worker: int = setting(1, "OMP threads per worker process")
+    # What `forge plan` needs to estimate time and memory (stages/training/compute.py).
+    accelerator: str = setting("cpu", "device type: cpu, a100, h100, h200 or b200 (sets memory "
+                                      "and peak FLOP/s for the compute plan)")
+    gpus_per_node: int = setting(8, "devices (CPU: worker processes) per node")
+    memory_gib: float = setting(0.0, "memory per device in GiB; 0 = the accelerator's")
+    mfu: float = setting(0.4, "model FLOPs utilisation assumed for GPU-hour estimates")
 
     @property
     def world_size(self) -> int:
@@ -71,9 +83,22 @@ class ParallelSpec:
 
     def __post_init__(self) -> None:
         for f in ("tensor_parallel", "pipeline_parallel", "data_parallel", "context_parallel",
-                  "threads_per_worker"):
+                  "threads_per_worker", "gpus_per_node"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
+        from stages.training.compute import ACCELERATORS
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"accelerator: unknown {self.accelerator!r}; known: "
+                              f"{', '.join(ACCELERATORS)} (or set memory_gib and pick the closest)")
+        if (self.accelerator == "cpu") != (self.device == "cpu"):
+            raise ConfigError(f"accelerator: {self.accelerator!r} does not match device "
+                              f"{self.device!r}; use accelerator=cpu with device=cpu, a GPU type "
+                              "with device=cuda")
+        if not 0.0 < self.mfu <= 1.0:
+            raise ConfigError(f"mfu: must be in (0, 1], got {self.mfu}")
+        if self.memory_gib < 0:
+            raise ConfigError(f"memory_gib: must be >= 0, got {self.memory_gib}")
+        check_launch(self)  # whole nodes; what the chosen launcher needs
 
     def check_model(self, model: ModelSpec, where: str) -> None:
         tp = self.tensor_parallel
@@ -87,9 +112,6 @@ class ParallelSpec:
         if model.num_layers % self.pipeline_parallel:
             raise ConfigError(f"cluster.pipeline_parallel: {self.pipeline_parallel} does not divide "
                               f"{where} num_layers={model.num_layers}")
-        if self.pipeline_parallel > 1:
-            raise ConfigError("cluster.pipeline_parallel: pipeline parallelism is not built yet "
-                              "(issue 4); set it to 1")
 
     def check_context(self, seq_length: int, where: str) -> None:
         """Context parallelism splits each sequence into 2 x CP chunks (load-balanced causal)."""
@@ -104,9 +126,24 @@ class ParallelSpec:
         if self.device == "cpu":
             raise ConfigError("cluster.context_parallel: context parallelism needs Transformer "
                               "Engine's ring attention on GPUs; on CPU set cluster.context_parallel=1")
-        raise ConfigError("cluster.context_parallel: the training loop does not split sequences over "
-                          "CP ranks yet (issue 3 follow-up, needs the GPU machine to test); set "
-                          "cluster.context_parallel=1")
+
+    def not_built(self) -> str:
+        """Layouts that validate and plan, but that the training loop cannot run yet."""
+        if self.pipeline_parallel > 1:
+            return ("pipeline parallelism (pipeline_parallel > 1) is not built into the training "
+                    "loop yet; it plans, but cannot run")
+        if self.context_parallel > 1:
+            return ("context parallelism (context_parallel > 1) is not built into the training loop "
+                    "yet (it needs ring attention, tested on a GPU); it plans, but cannot run")
+        return ""
+
+
+LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel")
+
+
+def stage_cluster(cluster: ParallelSpec, parallel: dict[str, int]) -> ParallelSpec:
+    """The cluster layout with a stage's own ``parallel`` overrides applied."""
+    return dataclasses.replace(cluster, **parallel) if parallel else cluster
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

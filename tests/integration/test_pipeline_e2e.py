@@ -29,7 +29,7 @@ def test_first_run_trains_every_built_stage_and_says_what_it_left_out(built):
     assert executed(result) == set(DATA + PHASES)
     text = out.stdout + out.stderr
     assert "extend-1" in text and "left out by --only" in text and "not built yet" in text
-    assert "mlflow ui --backend-store-uri" in out.stdout
+    assert "forge ui --store" in out.stdout
     for phase in PHASES:
         rec = result["stages"][phase]
         ckpt = Path(rec["out_dir"]) / rec["outputs"]["checkpoint"]
@@ -73,6 +73,8 @@ def test_mlflow_holds_lineage(built):
     exp = client.get_experiment_by_name("granite-forge")
     parent = client.get_run(result["parent_run"])
     assert parent.data.tags["forge.pipeline"] == "granite-4.1-tiny"
+    # one picture of the loss across the four phases, drawn from their metrics.jsonl
+    assert "loss_across_phases.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     # search_runs leaves run inputs/outputs of models out: read each run whole

@@ -1,7 +1,9 @@
-"""SIGKILL in the middle of a phase resumes bit-exactly; two launches at once train each stage once."""
+"""SIGKILL in the middle of a phase, then `forge resume RUN_ID`, resumes bit-exactly; two launches at
+once train each stage once."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,38 +25,77 @@ def final_state(store: Path) -> dict:
     return load_tensors(Path(rec["out_dir"]) / rec["outputs"]["checkpoint"])
 
 
-def test_sigkill_mid_phase_then_rerun_resumes_bit_exact(prefect_server, tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    forge("run", *LONGER, "--only", UP_TO_P1, store=reference)
+@pytest.fixture(scope="module")
+def reference(prefect_server, tmp_path_factory) -> dict:
+    """The final weights and moments of an uninterrupted run."""
+    store = tmp_path_factory.mktemp("reference")
+    forge("run", *LONGER, "--only", UP_TO_P1, store=store)
+    return final_state(store)
 
-    env = dict(os.environ, FORGE_STORE=str(killed), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *LONGER, "--only", UP_TO_P1],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def assert_bit_exact(reference: dict, store: Path) -> None:
+    import torch
+    got = final_state(store)
+    assert reference.keys() == got.keys() and reference
+    for name in reference:
+        assert torch.equal(reference[name], got[name]), name
+
+
+def run_and_kill_worker_once(store: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`forge run`, SIGKILL of the pretrain-1 worker after its first mid-phase checkpoint."""
+    env = dict(os.environ, FORGE_STORE=str(store), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *LONGER, *overrides,
+                             "--only", UP_TO_P1], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     pid_file = None
     while time.time() < deadline:   # wait for a complete mid-phase checkpoint
-        dirs = list(killed.glob("pretrain-1-*/checkpoints/*/done"))
-        if dirs and not list(killed.glob("pretrain-1-*/artifact.json")):
-            pid_file = next(killed.glob("pretrain-1-*/worker.pid"))
+        dirs = list(store.glob("pretrain-1-*/checkpoints/*/done"))
+        if dirs and not list(store.glob("pretrain-1-*/artifact.json")):
+            pid_file = next(store.glob("pretrain-1-*/worker.pid"))
             break
         time.sleep(0.2)
     assert pid_file is not None, "no mid-phase checkpoint appeared"
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, output[-3000:]
-    assert "pretrain-1 failed" in output
+    output, _ = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+
+
+def test_sigkill_mid_phase_then_resume_by_run_id_is_bit_exact(reference, tmp_path):
+    killed = tmp_path / "killed"
+    out = run_and_kill_worker_once(killed)
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "pretrain-1 failed" in out.stdout
     assert not list(killed.glob("pretrain-1-*/artifact.json"))
 
-    out = forge("run", *LONGER, "--only", UP_TO_P1, store=killed)
-    assert "resume" in out.stdout
+    run_id = re.search(r"run id (\S+)", out.stdout).group(1)
+    listed = forge("runs", store=killed).stdout
+    assert re.search(rf"{run_id} .* failed +3/4 complete, pretrain-1 failed \(exit -?\d+\)", listed), listed
+    shown = forge("runs", run_id[:15], store=killed).stdout
+    assert re.search(r"pretrain-1 +failed \(exit -?\d+\), resumes from checkpoints/iter_", shown), shown
+
+    # `forge resume` reads the run's stored config, not conf/: a conf dir that is gone changes nothing
+    out = forge("resume", run_id, store=killed, env={"FORGE_CONF_DIR": str(tmp_path / "no-conf")})
+    assert f"resuming run {run_id}" in out.stdout and "resume" in out.stdout
     assert executed(last_result(killed)) == {"pretrain-1"}
+    listed = forge("runs", store=killed).stdout
+    assert re.search(r"completed +4/4 complete", listed), listed
     log = next(killed.glob("pretrain-1-*/worker.log")).read_text()
     assert "resuming from" in log
-    ref, got = final_state(reference), final_state(killed)
-    assert ref.keys() == got.keys() and ref
-    import torch
-    for name in ref:
-        assert torch.equal(ref[name], got[name]), name
+    assert_bit_exact(reference, killed)
+
+
+def test_a_killed_worker_is_retried_per_the_stage_policy_and_resumes(reference, tmp_path):
+    store = tmp_path / "retried"
+    out = run_and_kill_worker_once(store, "stages.pretrain-1.retry={retries: 1, delay_s: 0}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    # the failure is reported with the stage, the exit code and the worker log's tail, then retried
+    assert re.search(r"stage pretrain-1 failed: worker exited with code -?\d+; last lines of", out.stdout)
+    assert "pretrain-1: attempt 2, resuming what the failed one left" in out.stdout
+    log = next(store.glob("pretrain-1-*/worker.log")).read_text()
+    assert log.count("--- ") == 2 and "resuming from" in log
+    assert not list(store.glob("pretrain-1-*/failure.json"))
+    assert_bit_exact(reference, store)
 
 
 def test_two_launches_at_once_train_each_stage_once(prefect_server, tmp_path):

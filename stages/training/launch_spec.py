@@ -1,0 +1,126 @@
+"""Where stage workers run: the launcher settings of the cluster config, and the node arithmetic.
+
+``cluster.launcher`` picks one of
+- ``torchrun``: this machine, ``torchrun --standalone`` (a laptop, CI, or one GPU node);
+- ``slurm``: ``salloc`` takes the nodes, ``srun`` starts one ``torchrun`` per node, rendezvous on
+  the allocation's first node; inside the worker image through Pyxis/enroot when one is named;
+- ``kubernetes``: an Indexed Job of the worker image, one pod per node with ``torchrun`` in it,
+  rendezvous on pod 0 behind a headless Service.
+
+Every field is a setting, not an identity field: moving a pipeline to another cluster never changes
+a stage's key. The commands are built in ``flows/launchers.py``; nothing here imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+from stages.schema import ConfigError, setting
+
+LAUNCHERS = ("torchrun", "slurm", "kubernetes")
+
+# Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (and no limit at all)
+_SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _check_port(port: int) -> None:
+    if not 1024 <= port <= 65535:
+        raise ConfigError(f"rdzv_port: {port} is not a free-to-use port; pick one in 1024..65535")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlurmSpec:
+    partition: str = setting("", "partition of the stage allocations (salloc --partition); "
+                                 "empty = the cluster's default")
+    account: str = setting("", "account charged (salloc --account); empty = the user's default")
+    time: str = setting("", "wall-clock limit of one stage's allocation: MM, HH:MM:SS or "
+                            "D-HH:MM:SS; empty = the partition's default. A stage that runs out "
+                            "resumes from its newest checkpoint on the next `forge run`")
+    container_image: str = setting("", "worker image run through Pyxis/enroot (srun "
+                                       "--container-image); empty = the nodes' own environment")
+    container_mounts: tuple[str, ...] = setting((), "SRC:DST mounts for the image (srun "
+                                                    "--container-mounts); the store must appear "
+                                                    "at the same path inside")
+    python: str = setting("python", "Python of the worker environment on the nodes (in the "
+                                    "image: the image's own)")
+    rdzv_port: int = setting(29500, "torchrun rendezvous port on the first node")
+    extra_args: tuple[str, ...] = setting((), "more salloc options, e.g. [--exclusive, --qos=high]")
+
+    def __post_init__(self) -> None:
+        if self.time and not _SLURM_TIME.fullmatch(self.time):
+            raise ConfigError(f"time: {self.time!r} is not a Slurm time limit; use MM, HH:MM:SS or "
+                              "D-HH:MM:SS (e.g. 48:00:00 or 2-00:00:00)")
+        _check_port(self.rdzv_port)
+        for mount in self.container_mounts:
+            if ":" not in mount:
+                raise ConfigError(f"container_mounts: {mount!r} is not SRC:DST[:FLAGS]; mount the "
+                                  "store at its own path, e.g. /lustre/forge:/lustre/forge")
+        if self.container_mounts and not self.container_image:
+            raise ConfigError("container_mounts: mounts are given but no container_image; set "
+                              "container_image, or drop the mounts to run on the nodes' own Python")
+        for arg in self.extra_args:
+            if not arg.startswith("-"):
+                raise ConfigError(f"extra_args: {arg!r} is not an salloc option (they start with "
+                                  "'-', e.g. --exclusive)")
+        if not self.python:
+            raise ConfigError("python: empty; name the worker environment's Python on the nodes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KubernetesSpec:
+    namespace: str = setting("default", "namespace of the stage Jobs")
+    image: str = setting("", "worker image (the repository's Dockerfile, pushed to a registry the "
+                             "cluster pulls from); required with launcher=kubernetes")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = setting(
+        "IfNotPresent", "when the kubelet pulls the image")
+    store_claim: str = setting("", "PersistentVolumeClaim that holds the store; mounted at the "
+                                   "store's own path in every pod (the orchestrator mounts it at "
+                                   "the same path); required with launcher=kubernetes")
+    service_account: str = setting("", "service account of the worker pods; empty = the "
+                                       "namespace's default")
+    node_selector: dict[str, str] = setting(doc="node labels the worker pods must match, e.g. "
+                                                "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
+                                            factory=dict)
+    shm_gib: int = setting(64, "size of /dev/shm in GiB (memory-backed); NCCL and data loaders "
+                               "outgrow the container default of 64 MiB")
+    rdzv_port: int = setting(29500, "torchrun rendezvous port on pod 0")
+
+    def __post_init__(self) -> None:
+        if not _DNS_LABEL.fullmatch(self.namespace):
+            raise ConfigError(f"namespace: {self.namespace!r} is not a Kubernetes name (lower-case "
+                              "letters, digits and '-', at most 63)")
+        if self.store_claim and not re.fullmatch(r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?", self.store_claim):
+            raise ConfigError(f"store_claim: {self.store_claim!r} is not a Kubernetes name")
+        if self.shm_gib < 1:
+            raise ConfigError(f"shm_gib: must be >= 1, got {self.shm_gib}")
+        _check_port(self.rdzv_port)
+
+
+def node_layout(cluster: Any) -> tuple[int, int]:
+    """(nodes, worker processes per node). A world smaller than one node runs on one node."""
+    world, per_node = cluster.world_size, cluster.gpus_per_node
+    if world <= per_node:
+        return 1, world
+    return world // per_node, per_node
+
+
+def check_launch(cluster: Any) -> None:
+    """Cross-field checks of a ParallelSpec (called from its __post_init__); messages name fields
+    relative to ``cluster`` (from_dict adds the prefix)."""
+    world, per_node = cluster.world_size, cluster.gpus_per_node
+    if world > per_node and world % per_node:
+        rest = world // cluster.data_parallel
+        dp_ok = next(d for d in range(cluster.data_parallel, cluster.data_parallel + per_node + 1)
+                     if (rest * d) % per_node == 0)
+        raise ConfigError(
+            f"gpus_per_node: the world size {world} (tensor {cluster.tensor_parallel} x pipeline "
+            f"{cluster.pipeline_parallel} x data {cluster.data_parallel} x context "
+            f"{cluster.context_parallel}) is not a whole number of nodes of {per_node}; use e.g. "
+            f"data_parallel={dp_ok}, or set gpus_per_node to the devices each node really gives")
+    if cluster.launcher == "kubernetes":
+        for name in ("image", "store_claim"):
+            if not getattr(cluster.kubernetes, name):
+                raise ConfigError(f"kubernetes.{name}: required with launcher=kubernetes (see "
+                                  "conf/cluster/k8s.yaml)")

@@ -1,0 +1,1 @@
+"""Reliability tests: malformed input, failures and recovery, checked through the real CLI."""

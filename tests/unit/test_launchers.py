@@ -1,0 +1,345 @@
+"""Launchers: the exact worker command per cluster config (one node, Slurm, Kubernetes), the
+scripts run against stand-in salloc/srun/scontrol/kubectl binaries (this machine has no cluster),
+the checks that stop a run before compute, and the cluster fields' error messages."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import config as config_mod
+from flows.cli import main as forge
+from flows.dag import build
+from flows.launch import StageFailed, run_worker, worker_env
+from flows.launchers import (MANIFEST, check_available, job_name, kubernetes_manifest, launch_plan,
+                             worker_command)
+from stages.schema import ConfigError, from_dict, to_dict
+from stages.training.specs import ParallelSpec
+
+KEY = "0123456789ab"
+WORKER_ENV = [{"name": "OMP_NUM_THREADS", "value": "4"}, {"name": "MKL_NUM_THREADS", "value": "4"},
+              {"name": "RAYON_NUM_THREADS", "value": "4"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+              {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"},
+              {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+              {"name": "PYTHONWARNINGS", "value": "ignore"},
+              {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}]
+
+
+@functools.cache
+def cluster(*overrides: str) -> ParallelSpec:
+    return config_mod.load(list(overrides)).cluster
+
+
+def spec_in(store: Path, stage: str = "pretrain-1") -> Path:
+    return store / f"{stage}-{KEY}" / "spec.json"
+
+
+def fake_bin(tmp_path: Path, monkeypatch, **scripts: str) -> Path:
+    """Stand-ins for cluster tools, first on PATH; each records its argv in calls.jsonl."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"with open({str(log)!r}, 'a') as f:\n"
+                        f"    f.write(json.dumps([{name!r}, *sys.argv[1:]]) + '\\n')\n" + body)
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def calls(log: Path, tool: str) -> list[list[str]]:
+    return [c[1:] for c in map(json.loads, log.read_text().splitlines()) if c[0] == tool]
+
+
+# --- one GPU node -----------------------------------------------------------------------------
+
+def test_gpu_node_runs_torchrun_standalone_with_one_process_per_gpu(tmp_path):
+    c, spec = cluster("cluster=gpu-node"), spec_in(tmp_path)
+    assert worker_command("torchrun", c, spec) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
+        "--max_restarts=0", "-m", "stages.worker", str(spec)]
+    assert worker_command("python", c, spec) == [sys.executable, "-m", "stages.worker", str(spec)]
+    env = worker_env(c)
+    assert (env["OMP_NUM_THREADS"], env["OMP_WAIT_POLICY"]) == ("4", "PASSIVE")
+    check_available(c)  # nothing to check for one machine
+
+
+def test_torchrun_refuses_a_layout_larger_than_one_node():
+    c = from_dict(ParallelSpec, {"device": "cuda", "accelerator": "h100", "gpus_per_node": 8,
+                                 "tensor_parallel": 2, "data_parallel": 8}, "cluster")
+    with pytest.raises(ConfigError, match=r"^cluster\.launcher: torchrun .* needs 2 nodes of 8 "
+                                          r"\(world size 16\); use cluster=slurm or cluster=k8s"):
+        check_available(c)
+
+
+# --- Slurm ------------------------------------------------------------------------------------
+
+def test_slurm_command_takes_four_nodes_and_meets_on_the_first(tmp_path):
+    spec = spec_in(tmp_path)
+    cmd = worker_command("torchrun", cluster("cluster=slurm"), spec)
+    assert cmd[:-1] == ["salloc", f"--job-name=forge-pretrain-1-{KEY}", "--nodes=4",
+                        "--ntasks-per-node=1", "--cpus-per-task=32", "--gpus-per-node=8",
+                        "--partition=gpu", "--account=llm-training", "--time=48:00:00",
+                        "--exclusive", "bash", "-c"]
+    assert cmd[-1] == (
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+        "exec srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 --cpus-per-task=32 "
+        "--container-image=registry.example.com/granite-forge/worker:0.1.0 "
+        "--container-mounts=/lustre/forge:/lustre/forge python -m torch.distributed.run --nnodes=4 "
+        '--nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint="$head:29500" '
+        f'--rdzv_id="$SLURM_JOB_ID" --max_restarts=0 -m stages.worker {spec}')
+    assert launch_plan(cluster("cluster=slurm"), spec) == shlex.join(cmd)
+
+
+FAKE_SALLOC = """\
+while sys.argv[1].startswith("-"):
+    sys.argv.pop(1)
+os.environ.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[017-020]")
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+FAKE_SCONTROL = """\
+import signal
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head -n 1` closes the pipe: die quietly, as C does
+assert sys.argv[1:] == ["show", "hostnames", "gpu[017-020]"], sys.argv
+print("gpu017\\ngpu018\\ngpu019\\ngpu020")
+"""
+FAKE_SRUN = """\
+print("[pretrain-1] step 1/10 loss 3.25", flush=True)
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+def test_slurm_script_expands_the_first_node_and_job_id_in_the_allocation(tmp_path, monkeypatch):
+    """The script really runs (bash, stand-in salloc/scontrol/srun): srun gets one argv per
+    argument, a store path with a space intact, and the rendezvous on the first node."""
+    log = fake_bin(tmp_path, monkeypatch, salloc=FAKE_SALLOC, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN)
+    spec = spec_in(tmp_path / "my store")
+    done = subprocess.run(worker_command("torchrun", cluster("cluster=slurm"), spec),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert calls(log, "srun") == [[
+        "--kill-on-bad-exit=1", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=32",
+        "--container-image=registry.example.com/granite-forge/worker:0.1.0",
+        "--container-mounts=/lustre/forge:/lustre/forge", "python", "-m", "torch.distributed.run",
+        "--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu017:29500",
+        "--rdzv_id=4242", "--max_restarts=0", "-m", "stages.worker", str(spec)]]
+
+
+def test_slurm_one_node_layout_runs_torchrun_standalone(tmp_path):
+    spec = spec_in(tmp_path)
+    cmd = worker_command("torchrun", cluster("cluster=slurm", "cluster.data_parallel=4"), spec)
+    assert cmd[2:6] == ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=32", "--gpus-per-node=8"]
+    assert cmd[-1].startswith("exec srun --kill-on-bad-exit=1 --nodes=1 ")
+    assert cmd[-1].endswith("python -m torch.distributed.run --standalone --nproc_per_node=8 "
+                            f"--max_restarts=0 -m stages.worker {spec}")
+
+
+def test_slurm_single_process_stage_takes_one_task_and_one_gpu(tmp_path):
+    spec = spec_in(tmp_path, "data")
+    cmd = worker_command("python", cluster("cluster=slurm"), spec)
+    assert cmd[:5] == ["salloc", f"--job-name=forge-data-{KEY}", "--nodes=1", "--ntasks-per-node=1",
+                       "--cpus-per-task=4"]
+    assert "--gpus-per-node=1" in cmd
+    assert cmd[-1].startswith("exec srun --kill-on-bad-exit=1 --nodes=1 ")
+    assert cmd[-1].endswith(f"python -m stages.worker {spec}")
+
+
+def test_slurm_stage_through_run_worker_streams_srun_and_reports_its_exit(tmp_path, monkeypatch):
+    fake_bin(tmp_path, monkeypatch, salloc=FAKE_SALLOC, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN)
+    out = tmp_path / "store" / f"pretrain-1-{KEY}"
+    shown: list[str] = []
+    run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {"kind": "pretrain"}, out,
+               shown.append)
+    assert shown == ["[pretrain-1] step 1/10 loss 3.25"]
+    assert "[pretrain-1] step 1/10 loss 3.25" in (out / "worker.log").read_text()
+    monkeypatch.setenv("FAKE_EXIT", "3")
+    with pytest.raises(StageFailed) as failed:
+        run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {}, out, shown.append)
+    assert failed.value.code == 3
+
+
+def test_slurm_without_its_tools_fails_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / f"pretrain-1-{KEY}"
+    with pytest.raises(ConfigError, match=r"^cluster\.launcher: slurm needs salloc, srun, scontrol "
+                                          r"on PATH; run forge on a Slurm login node"):
+        run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {}, out, print)
+    assert not out.exists()
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+def test_k8s_manifest_is_an_indexed_job_per_node_behind_a_headless_service():
+    spec = spec_in(Path("/store"))
+    name = f"forge-pretrain-1-{KEY}"
+    labels = {"app.kubernetes.io/part-of": "granite-forge", "granite-forge/job": name}
+    meta = {"name": name, "namespace": "granite-forge", "labels": labels}
+    rank = {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
+    pod = {
+        "restartPolicy": "Never",
+        "containers": [{
+            "name": "worker", "image": "registry.example.com/granite-forge/worker:0.1.0",
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8",
+                        "--node_rank=$(NODE_RANK)", f"--master_addr={name}-0.{name}",
+                        "--master_port=29500", "--max_restarts=0", "-m", "stages.worker",
+                        "/store/pretrain-1-0123456789ab/spec.json"],
+            "env": WORKER_ENV + [rank],
+            "resources": {"requests": {"cpu": 32}, "limits": {"nvidia.com/gpu": 8}},
+            "volumeMounts": [{"name": "store", "mountPath": "/store"},
+                             {"name": "dshm", "mountPath": "/dev/shm"}]}],
+        "volumes": [{"name": "store", "persistentVolumeClaim": {"claimName": "forge-store"}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                            "fsGroupChangePolicy": "OnRootMismatch"},
+        "subdomain": name,
+        "serviceAccountName": "forge-worker",
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    assert kubernetes_manifest("torchrun", cluster("cluster=k8s"), spec) == {
+        "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+             "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True,
+                      "ports": [{"name": "rdzv", "port": 29500}]}},
+            {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+             "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2,
+                      "backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod}}}]}
+
+
+def test_k8s_one_node_and_single_process_stages_need_no_rendezvous():
+    one_node = cluster("cluster=k8s", "cluster.data_parallel=4")  # 2 x 4 = 8 GPUs
+    items = kubernetes_manifest("torchrun", one_node, spec_in(Path("/store")))["items"]
+    assert [i["kind"] for i in items] == ["Job"]
+    pod = items[0]["spec"]["template"]["spec"]
+    assert "subdomain" not in pod and items[0]["spec"]["completions"] == 1
+    assert pod["containers"][0]["command"][:5] == ["python", "-m", "torch.distributed.run",
+                                                   "--standalone", "--nproc_per_node=8"]
+    single = kubernetes_manifest("python", cluster("cluster=k8s"), spec_in(Path("/store"), "data"))
+    container = single["items"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "stages.worker",
+                                    f"/store/data-{KEY}/spec.json"]
+    assert container["resources"] == {"requests": {"cpu": 4}, "limits": {"nvidia.com/gpu": 1}}
+
+
+def test_k8s_job_names_are_dns_labels_that_keep_the_key():
+    name = job_name(Path(f"/s/Eval_Extend.Long-Context-{'x' * 60}-{KEY}/spec.json"))
+    assert len(name) <= 52 and name.endswith(f"-{KEY}") and name.startswith("forge-eval-extend-long")
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+FAKE_KUBECTL = """\
+args = sys.argv[1:]
+if args[:2] == ["auth", "can-i"]:
+    print(os.environ.get("FAKE_CAN_I", "yes"))
+    sys.exit(0 if os.environ.get("FAKE_CAN_I", "yes") == "yes" else 1)
+if args[0] == "create":
+    open(os.environ["FAKE_CREATED"], "w").write(open(args[args.index("-f") + 1]).read())
+elif args[:2] == ["get", "pods"]:
+    print("pod/forge-pretrain-1-0123456789ab-0-x7k2q")
+elif args[0] == "logs":
+    print("[pretrain-1] step 1/10 loss 3.25")
+elif args[:2] == ["get", "job"]:
+    print(os.environ["FAKE_JOB_STATE"])
+"""
+
+
+def test_k8s_stage_through_run_worker_follows_pod_0_and_takes_the_jobs_verdict(tmp_path, monkeypatch):
+    log = fake_bin(tmp_path, monkeypatch, kubectl=FAKE_KUBECTL)
+    monkeypatch.setenv("FAKE_CREATED", str(tmp_path / "created.json"))
+    monkeypatch.setenv("FAKE_JOB_STATE", "Complete")
+    c, out = cluster("cluster=k8s"), tmp_path / "store" / f"pretrain-1-{KEY}"
+    shown: list[str] = []
+    run_worker("pretrain-1", "torchrun", c, {"kind": "pretrain"}, out, shown.append)
+    manifest = kubernetes_manifest("torchrun", c, out / "spec.json")
+    assert json.loads((tmp_path / "created.json").read_text()) == manifest
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+    assert shown == ["[pretrain-1] step 1/10 loss 3.25"]
+    kube = calls(log, "kubectl")
+    assert kube[0] == ["auth", "can-i", "create", "jobs", "--namespace=granite-forge"]
+    assert kube[1][:1] == ["delete"] and kube[2] == ["create", "-f", str(out / MANIFEST)]
+    assert kube[4] == ["logs", "--namespace=granite-forge", "--follow", "--pod-running-timeout=24h",
+                       "pod/forge-pretrain-1-0123456789ab-0-x7k2q"]
+    monkeypatch.setenv("FAKE_JOB_STATE", "FailureTarget Failed")
+    with pytest.raises(StageFailed) as failed:
+        run_worker("pretrain-1", "torchrun", c, {"kind": "pretrain"}, out, shown.append)
+    assert failed.value.code == 1
+    assert failed.value.tail[-1].startswith(f"Error: Kubernetes Job forge-pretrain-1-{KEY} failed")
+
+
+def test_k8s_without_kubectl_or_api_access_fails_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"^cluster\.launcher: kubernetes needs kubectl on PATH"):
+        check_available(cluster("cluster=k8s"))
+    fake_bin(tmp_path, monkeypatch, kubectl=FAKE_KUBECTL)
+    monkeypatch.setenv("FAKE_CAN_I", "no")
+    with pytest.raises(ConfigError, match=r"cannot create Jobs in namespace 'granite-forge' \(no\)"):
+        check_available(cluster("cluster=k8s"))
+
+
+def test_generated_scripts_are_valid_bash(tmp_path):
+    for launcher, overrides in (("torchrun", ("cluster=slurm",)), ("python", ("cluster=slurm",)),
+                                ("torchrun", ("cluster=k8s",))):
+        script = worker_command(launcher, cluster(*overrides), spec_in(tmp_path))[-1]
+        done = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, (overrides, done.stderr)
+
+
+# --- config: fields, messages, identity -------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster=slurm", "cluster.data_parallel=5"],
+     r"^cluster\.gpus_per_node: the world size 10 \(tensor 2 x pipeline 1 x data 5 x context 1\) "
+     r"is not a whole number of nodes of 8; use e\.g\. data_parallel=8"),
+    (["cluster=slurm", "cluster.slurm.time=forever"],
+     r"^cluster\.slurm\.time: 'forever' is not a Slurm time limit"),
+    (["cluster=slurm", "cluster.slurm.container_image="],
+     r"^cluster\.slurm\.container_mounts: mounts are given but no container_image"),
+    (["cluster=slurm", "cluster.slurm.extra_args=[exclusive]"],
+     r"^cluster\.slurm\.extra_args: 'exclusive' is not an salloc option"),
+    (["cluster=k8s", "cluster.kubernetes.image="],
+     r"^cluster\.kubernetes\.image: required with launcher=kubernetes"),
+    (["cluster=k8s", "cluster.kubernetes.namespace=Forge_NS"],
+     r"^cluster\.kubernetes\.namespace: 'Forge_NS' is not a Kubernetes name"),
+    (["cluster=k8s", "cluster.kubernetes.rdzv_port=80"],
+     r"^cluster\.kubernetes\.rdzv_port: 80 is not a free-to-use port"),
+    (["cluster=cpu", "cluster.launcher=pbs"],
+     r"^cluster\.launcher: 'pbs' is not one of 'torchrun', 'slurm', 'kubernetes'"),
+    (["cluster=slurm", "+cluster.slurm.partiton=gpu"],
+     r"^cluster\.slurm\.partiton: unknown field\. Known fields: account, container_image"),
+])
+def test_bad_cluster_fields_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_mod.load(overrides)
+
+
+def test_worker_rebuilds_the_launch_settings_from_its_spec_file():
+    for name in ("slurm", "k8s"):
+        c = cluster(f"cluster={name}")
+        assert from_dict(ParallelSpec, json.loads(json.dumps(to_dict(c))), "cluster") == c
+
+
+def test_moving_to_another_cluster_changes_no_stage_key(tmp_path):
+    """Launcher settings are not identity fields: a pipeline moved from one node to Slurm or
+    Kubernetes (same layout) reuses every finished stage."""
+    layouts = (["cluster=gpu-node"], ["cluster=slurm", "cluster.data_parallel=4"],
+               ["cluster=k8s", "cluster.data_parallel=4", "cluster.kubernetes.shm_gib=8"])
+    keys = [{n: node.key for n, node in build(config_mod.load([*o, f"store={tmp_path}"])).nodes.items()}
+            for o in layouts]
+    assert keys[0] == keys[1] == keys[2]
+
+
+def test_forge_launch_command_prints_the_manifest(tmp_path, capsys):
+    assert forge(["launch-command", "pipeline=granite-4.1", "cluster=k8s", f"store={tmp_path}",
+                  "--stage", "pretrain-1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# stage pretrain-1 (pretrain), launcher kubernetes; forge writes "
+                          f"{tmp_path}/pretrain-1-")
+    assert "kubectl create -f" in out and "completionMode: Indexed" in out
+    assert "nvidia.com/gpu: 8" in out and "- --node_rank=$(NODE_RANK)" in out
