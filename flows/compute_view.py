@@ -31,9 +31,9 @@ def format_compute(plans: dict[str, StagePlan]) -> str:
     lines = [head]
     for p in plans.values():
         m = p.memory
-        unit, scale = ("GiB", GIB) if m.total >= GIB / 10 else ("MiB", 1024 ** 2)
+        size, scale = ("GiB", GIB) if m.total >= GIB / 10 else ("MiB", 1024 ** 2)
         mem = (f"{m.weights / scale:.1f}+{m.grads / scale:.1f}+{m.optimizer / scale:.1f}+"
-               f"{m.activations / scale:.1f} = {m.total / scale:.1f} {unit} of "
+               f"{m.activations / scale:.1f} = {m.total / scale:.1f} {size} of "
                f"{p.usable_bytes / GIB:.0f} GiB")
         lines.append(f"  {p.stage:<12} {human(p.params):>7} {human(p.tokens):>7} "
                      f"{p.flops:>8.2g} {p.gpu_hours:>10.3g} {_duration(p.wall_hours):>8} {p.layout.world:>4}  "

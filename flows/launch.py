@@ -3,9 +3,9 @@
 Training kinds start under ``torchrun`` (one process per rank, gloo on CPU); the others as plain
 ``python -m stages.worker``. On Slurm or Kubernetes the local process is salloc or kubectl, which
 waits for the remote workers (``flows/launchers.py`` builds every command). The worker is its own
-process group, so the orchestrator survives a worker crash and a test can kill the worker. Output
-goes line by line to ``worker.log`` in the output dir and to the ``log`` callback (Prefect's run
-logger).
+process group, so the orchestrator survives a worker crash and a test can kill the worker; a
+SIGTERM or SIGINT to the orchestrator is passed on to it (``forward_stop_signals``). Output goes line
+by line to ``worker.log`` in the output dir and to the ``log`` callback (Prefect's run logger).
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -72,16 +74,48 @@ def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=worker_env(cluster), start_new_session=True, bufsize=1)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            logfile.write(line + "\n")
-            logfile.flush()
-            tail.append(line)
-            if _worth_showing(line):
-                log(line)
-        code = proc.wait()
+        with forward_stop_signals(proc):
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                logfile.write(line + "\n")
+                logfile.flush()
+                tail.append(line)
+                if _worth_showing(line):
+                    log(line)
+            code = proc.wait()
     if code != 0:
         raise StageFailed(stage, code, list(tail), log_path)
+
+
+@contextlib.contextmanager
+def forward_stop_signals(proc: subprocess.Popen) -> Iterator[None]:
+    """Pass a SIGTERM or SIGINT sent to this process on to the worker's process group.
+
+    The worker runs in a session of its own, so without this a stopped orchestrator leaves it
+    training. The worker finishes its step, checkpoints and exits (stages/training/preemption.py);
+    its output is streamed meanwhile. Then the signal gets the handling it had before (Prefect's,
+    Python's KeyboardInterrupt, or the default: this process ends). Main thread only (signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: h for s, h in previous.items() if h is not None and h is not signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, forward)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        signal.raise_signal(received[0])
 
 
 def _worth_showing(line: str) -> bool:

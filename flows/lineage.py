@@ -134,7 +134,9 @@ class Lineage:
 
     def record_cached(self, parent_run: str, stage: str, key: str) -> str | None:
         run_id, model_id = self.producer(key)
-        self.client.set_tag(parent_run, f"forge.cached.{stage}", run_id or "produced outside MLflow")
+        if run_id is None:   # recorded at the end of this run, from disk (flows/lineage_sync.py)
+            return None
+        self.client.set_tag(parent_run, f"forge.cached.{stage}", run_id)
         if run_id and model_id:  # made before the registry existed: registered now, once
             from flows.registry import register
             register(self.client, self.uri, run_id, model_id)
@@ -145,11 +147,13 @@ class Lineage:
                     parent_keys: dict[str, str]) -> str:
         """Open the stage's child run before its worker starts (metrics stream in meanwhile)."""
         from mlflow.entities import Param
-        run = self.client.create_run(self.experiment_id, run_name=node.name, tags={
-            "mlflow.parentRunId": parent_run, TAG_KEY: node.key, TAG_STAGE: node.name,
-            TAG_KIND: node.kind, TAG_PIPELINE: pipeline, "forge.out_dir": str(node.out_dir),
-            "forge.parent_keys": json.dumps(parent_keys), "mlflow.source.git.commit": git_commit(),
-            TAG_CONFIG_DIGEST: config_digest(config)})
+        tags = {TAG_KEY: node.key, TAG_STAGE: node.name,
+                TAG_KIND: node.kind, TAG_PIPELINE: pipeline, "forge.out_dir": str(node.out_dir),
+                "forge.parent_keys": json.dumps(parent_keys), "mlflow.source.git.commit": git_commit(),
+                TAG_CONFIG_DIGEST: config_digest(config)}
+        if parent_run:  # none when MLflow was down as the pipeline started
+            tags["mlflow.parentRunId"] = parent_run
+        run = self.client.create_run(self.experiment_id, run_name=node.name, tags=tags)
         rid = run.info.run_id
         params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):
@@ -236,8 +240,10 @@ class MetricsTail:
     checkpoint, bit-identical, and those are not sent again).
     """
 
-    def __init__(self, lineage: Lineage, run_id: str, path: Path, every: float = 5.0):
+    def __init__(self, lineage: Lineage, run_id: str, path: Path, every: float = 5.0,
+                 warn: Callable[[str], None] | None = None):
         self.lineage, self.run_id, self.path, self.every = lineage, run_id, path, every
+        self.warn, self.failing = warn, False
         self.last_step = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metrics-tail", daemon=True)
@@ -255,7 +261,21 @@ class MetricsTail:
         while not self._stop.wait(self.every):
             self.poll()
 
-    def poll(self) -> None:
+    def poll(self, raise_errors: bool = False) -> None:
+        """Send the lines not sent yet. If MLflow fails, they stay unsent and the next poll (or
+        the end-of-run sync, flows/lineage_sync.py) sends them: nothing is dropped."""
+        try:
+            self._send()
+            self.failing = False
+        except Exception as e:  # noqa: BLE001 - MLflow down: training goes on
+            if raise_errors:
+                raise
+            if not self.failing and self.warn:   # once per outage
+                self.warn(f"MLflow: sending metrics failed ({type(e).__name__}); training goes on, "
+                          "and they are sent from metrics.jsonl when MLflow answers again")
+            self.failing = True
+
+    def _send(self) -> None:
         from mlflow.entities import Metric
         if not self.path.exists():
             return
@@ -274,4 +294,4 @@ class MetricsTail:
             last = max(last, step)
         for i in range(0, len(metrics), 1000):
             self.lineage.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
-        self.last_step = last
+        self.last_step = last   # only once every batch is in

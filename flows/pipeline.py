@@ -8,6 +8,7 @@ streams its log, and records the stage in MLflow. Task results are small records
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from flows.config import typed
 from flows.dag import Dag, Node, build
 from flows.failures import clear_failure, write_failure
 from flows.launch import StageFailed, run_worker, stage_lock
-from flows.lineage import MetricsTail, lineage_for
+from flows.lineage import MetricsTail
+from flows.lineage_sync import connect, guarded, sync_pipeline
 from flows.plan import Step, complete, make_plan, write_stage_record
 from stages.base import ARTIFACT_FILE, read_artifact
 from stages.schema import to_dict
@@ -40,7 +42,8 @@ def cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
 
 
 @task(persist_result=True, cache_key_fn=cache_key, result_serializer="json")
-def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str, force: bool) -> dict:
+def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str | None,
+              force: bool) -> dict:
     """Run one stage's worker unless its artifact already exists; return a small record."""
     logger = get_run_logger()
     spec, dag, _ = load_run(run_file)
@@ -68,11 +71,15 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         cluster = stage_cluster(dag.pipeline.cluster, getattr(node.config, "parallel", None) or {})
         worker_spec = {"kind": node.kind, "stage": stage, "key": key, "config": config,
                        "inputs": inputs, "out_dir": str(node.out_dir), "cluster": to_dict(cluster)}
-        lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
-        mlflow_run = lineage.start_stage(parent_run, dag.pipeline.name, node, config, parent_keys)
+        warn = logger.warning
+        lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
+        mlflow_run = lineage and guarded(warn, f"opening {stage}'s run", lineage.start_stage,
+                                         parent_run, dag.pipeline.name, node, config, parent_keys)
         logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir} (MLflow run {mlflow_run})")
+        tail = (MetricsTail(lineage, mlflow_run, node.out_dir / "metrics.jsonl", warn=warn) if mlflow_run
+                else contextlib.nullcontext())
         try:
-            with MetricsTail(lineage, mlflow_run, node.out_dir / "metrics.jsonl"):
+            with tail:
                 run_worker(stage, node.kind_cls.launcher, cluster, worker_spec, node.out_dir,
                            logger.info)
             artifact = read_artifact(node.out_dir)
@@ -82,10 +89,13 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         except BaseException as e:
             if isinstance(e, StageFailed):  # on disk first: MLflow may be the next thing to fail
                 write_failure(node.out_dir, stage, key, e.code, e.tail, e.log_path)
-            lineage.fail_stage(mlflow_run)
+            if mlflow_run:
+                guarded(warn, f"closing {stage}'s run", lineage.fail_stage, mlflow_run)
             raise
         upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
-        lineage.finish_stage(mlflow_run, node, config, artifact, parent_keys, upstream)
+        if mlflow_run:  # else the end-of-run sync records it from disk
+            guarded(warn, f"recording {stage}", lineage.finish_stage, mlflow_run, node, config,
+                    artifact, parent_keys, upstream)
         logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
         return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started)
 
@@ -101,9 +111,11 @@ def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: f
 def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     logger = get_run_logger()
     spec, dag, steps = load_run(run_file)
-    lineage = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment)
-    parent_run = lineage.start_pipeline(dag.pipeline.name, spec["resolved"], spec["overrides"],
-                                        str(flow_run.get_id()))
+    warn = logger.warning
+    lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
+    parent_run = lineage and guarded(warn, "opening the pipeline run", lineage.start_pipeline,
+                                     dag.pipeline.name, spec["resolved"], spec["overrides"],
+                                     str(flow_run.get_id()))
     records: dict[str, dict] = {}
     failed: str | None = None
     rerun = set(spec.get("rerun", ()))
@@ -137,13 +149,25 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
             if state.name == "Cached":
                 records[step.name]["executed"] = False
             if not records[step.name]["executed"]:
-                records[step.name]["mlflow_run"] = lineage.record_cached(parent_run, step.name,
-                                                                         step.node.key)
+                if lineage and parent_run:
+                    records[step.name]["mlflow_run"] = guarded(
+                        warn, f"recording cached {step.name}", lineage.record_cached, parent_run,
+                        step.name, step.node.key)
                 logger.info(f"{step.name}: cached -> {step.node.out_dir}")
     finally:
-        lineage.log_loss_plot(parent_run, dag.nodes.values(),
-                              f"{dag.pipeline.name}: training loss across phases", logger.warning)
-        lineage.end_pipeline(parent_run, failed is None)
+        # MLflow catches up on whatever an outage kept from it (flows/lineage_sync.py)
+        ran = [s.name for s in steps if s.action != "skip"]
+        parent_run, pending = sync_pipeline(dag, ran, parent_run, spec, str(flow_run.get_id()), warn)
+        if pending:
+            warn(f"MLflow: lineage of {', '.join(pending)} is not recorded yet; the next run of "
+                 "this pipeline records it from disk")
+        lineage = lineage or connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment,
+                                     warn)
+        if lineage and parent_run:
+            lineage.log_loss_plot(parent_run, dag.nodes.values(),
+                                  f"{dag.pipeline.name}: training loss across phases", warn)
+            guarded(warn, "closing the pipeline run", lineage.end_pipeline, parent_run,
+                    failed is None)
     result = {"parent_run": parent_run, "stages": records, "failed": failed,
               "tracking_uri": dag.pipeline.tracking_uri}
     if failed is not None:
@@ -151,7 +175,7 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     return result
 
 
-def _call(step: Step, run_file: str, parent_run: str, refresh: bool, force: bool,
+def _call(step: Step, run_file: str, parent_run: str | None, refresh: bool, force: bool,
           retry: Any = None) -> Any:
     """One stage as a Prefect task run; a failed attempt is retried per the stage's `retry:`."""
     options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s} if retry else {}

@@ -86,6 +86,10 @@ def configure_services(store: Path) -> None:
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A tracking server that is down costs seconds, not MLflow's default ~4 minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 @contextlib.contextmanager
@@ -107,8 +111,8 @@ def init_stores(prep: Prepared) -> None:
         if not os.environ.get("PREFECT_API_URL"):
             from prefect.server.database import provide_database_interface
             asyncio.run(provide_database_interface().create_db())
-        from flows.lineage import lineage_for
-        lineage_for(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment)
+        from flows.lineage_sync import connect  # MLflow down: the run goes on, lineage catches up
+        connect(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment, print)
 
 
 def write_run_file(prep: Prepared) -> Path:

@@ -55,18 +55,29 @@ def start(tracking_uri: str, store: Path, port: int | None = None, log: Path | N
         proc = subprocess.Popen(server_command(tracking_uri, artifacts, port), env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
+    try:
+        _wait_healthy(proc, url, time.time() + timeout)
+    except BaseException as e:  # Ctrl-C during start-up too: leave no server behind
+        stop(proc)
+        if isinstance(e, TimeoutError):
+            raise RuntimeError(f"mlflow server on {url} did not become healthy ({e}; log "
+                               f"{log}):\n" + log.read_text()[-3000:]) from None
+        raise
+    return proc, url
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, deadline: float) -> None:
     while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
-                    return proc, url
+                    return
         except OSError:
             pass
-        if proc.poll() is not None or time.time() > deadline:
-            stop(proc)
-            raise RuntimeError(f"mlflow server on {url} did not become healthy (log {log}):\n"
-                               + log.read_text()[-3000:])
+        if proc.poll() is not None:
+            raise TimeoutError(f"it exited with code {proc.returncode}")
+        if time.time() > deadline:
+            raise TimeoutError("timed out")
         time.sleep(0.3)
 
 
@@ -97,7 +108,13 @@ def serve(tracking_uri: str, store: Path, port: int | None = None,
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     say(f"starting mlflow server on {tracking_uri} ...")
-    proc, url = start(tracking_uri, store, port or free_port(DEFAULT_PORT))
+    try:
+        proc, url = start(tracking_uri, store, port or free_port(DEFAULT_PORT))
+    except RuntimeError as e:  # port taken, a store MLflow cannot open: the log says which
+        say(f"forge: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
     say(f"MLflow UI: {url}   (Ctrl-C stops it)")
     try:
         return proc.wait()

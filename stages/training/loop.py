@@ -218,11 +218,38 @@ def model_outputs(checkpoint: str, data: StageInput, out_dir: Path) -> dict[str,
 
 
 def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str) -> Path:
-    """Checkpoint (collective) and say how long it took."""
+    """Checkpoint (collective) and say how long it took, or why it failed and what to do."""
     t0 = time.time()
-    path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints)
+    try:
+        path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        raise RuntimeError(save_failure(out_dir, stage, state.step, e)) from e
     say(env, f"[{stage}] saved {path.name} ({time.time() - t0:.1f}s)")
     return path
+
+
+def save_failure(out_dir: Path, stage: str, step: int, error: Exception) -> str:
+    """The message of a failed save: the cause, the space left, the checkpoint a rerun resumes from.
+
+    A full disk (ENOSPC) or a file-size limit (EFBIG, ``ulimit -f``) surfaces through
+    dist_checkpointing's writer processes, sometimes as torch's bare "unexpected pos": the free
+    space and the limit, measured here, say which."""
+    import resource
+    import shutil
+    root = out_dir / ckpt.CHECKPOINTS
+    cause = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    free = shutil.disk_usage(root if root.is_dir() else out_dir).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    newest = ckpt.latest_complete(out_dir, verify=False)
+    return (f"[{stage}] checkpoint {ckpt.iter_name(step)} was NOT saved ({cause[-1].strip()}); "
+            f"{free / 2**20:.1f} MiB free on {root}"
+            + ("" if limit == resource.RLIM_INFINITY else f", file-size limit {limit} bytes")
+            + "; nothing of it was kept. "
+            + (f"The newest complete checkpoint is {newest.name}: " if newest else
+               "There is no complete checkpoint yet: ")
+            + "free space (or fix the cause) and run the stage again to resume.")
 
 
 def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> Artifact:

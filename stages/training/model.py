@@ -55,6 +55,36 @@ def have_transformer_engine() -> bool:
     return True
 
 
+# The oldest Transformer Engine that Megatron-core builds each recipe with (megatron.core.fp8_utils)
+FP8_MIN_TE = {"delayed": "1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0",
+              "mxfp8": "2.1.0"}
+# TE's own per-recipe hardware check (FP8GlobalStateManager): 8.9+ for the per-tensor recipes,
+# Hopper and CUDA 12.9+ for blockwise, Blackwell for mxfp8
+_FP8_CHECK = {"delayed": "is_fp8_available", "tensorwise": "is_fp8_available",
+              "blockwise": "is_fp8_block_scaling_available", "mxfp8": "is_mxfp8_available"}
+
+
+def fp8_unsupported(recipe: str) -> str:
+    """Why FP8 ``recipe`` cannot run here, or "" when it can: no GPU, no Transformer Engine, a TE
+    older than Megatron needs for the recipe, or a GPU that TE says lacks the recipe's kernels."""
+    if not torch.cuda.is_available():
+        return "needs a GPU"
+    if not have_transformer_engine():
+        return "Transformer Engine is not importable here (pip install 'granite-forge[gpu]')"
+    from megatron.core.utils import get_te_version, is_te_min_version
+    if not is_te_min_version(FP8_MIN_TE[recipe]):
+        return f"needs Transformer Engine >= {FP8_MIN_TE[recipe]} (this is {get_te_version()})"
+    try:  # newer TE keeps it in .quantization, older TE only in .fp8
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    check = getattr(FP8GlobalStateManager, _FP8_CHECK[recipe], None)
+    if check is None:
+        return f"this Transformer Engine has no {_FP8_CHECK[recipe]}() (too old for {recipe})"
+    ok, reason = check()
+    return "" if ok else f"not on this GPU: {reason or 'Transformer Engine says unsupported'}"
+
+
 def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
                        tensor_parallel: int = 1):
     """The Megatron ``TransformerConfig`` of a Granite-shaped dense decoder."""

@@ -62,8 +62,13 @@ class StopSignals:
         """The signal any rank received so far (0 if none); collective when a group is running."""
         import torch
         import torch.distributed as dist
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        signum = self.received
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], dtype=torch.int64, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:  # stopping: from here to the exit nothing may cut the save short (torchrun
+            for s in self._previous:  # SIGTERMs ranks still exiting once one has ended, and
+                signal.signal(s, signal.SIG_IGN)  # Python drops its handlers at exit): ignored
+            self._previous.clear()
+        return signum

@@ -1,0 +1,76 @@
+"""Lineage that survives MLflow being down: training goes on, MLflow catches up from disk.
+
+Everything a stage's MLflow run holds is also in its output dir (``stage.json``: config and parent
+keys; ``metrics.jsonl``; ``artifact.json``), so MLflow is a view that can be rebuilt. During a run
+every MLflow call is guarded (``guarded``): a failure is a warning, never a failed stage. At the end
+of each pipeline run (and, for cached stages, on every later run) ``sync_stage`` records any
+complete stage whose key has no finished MLflow run: it reuses the run left open by the outage (or
+opens one), sends every metric line (MLflow drops exact duplicates, so a line sent before the
+outage is not doubled), then the inputs, the logged model and its registry version.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from flows.lineage import Lineage, MetricsTail, TAG_KEY, lineage_for
+from flows.plan import STAGE_RECORD, complete
+from stages.base import read_artifact
+
+Warn = Callable[[str], None]
+
+
+def guarded(warn: Warn, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args)``, or None with a warning if MLflow fails: lineage never fails a stage."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - connection refused, timeouts, 5xx, a locked sqlite
+        warn(f"MLflow: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+             "training goes on, and this is recorded from disk when MLflow answers again")
+        return None
+
+
+def connect(uri: str, experiment: str, warn: Warn) -> Lineage | None:
+    return guarded(warn, f"connecting to {uri}", lineage_for, uri, experiment)
+
+
+def open_run(lineage: Lineage, key: str) -> str | None:
+    """A run of this key left RUNNING (MLflow went away before the stage finished), if any."""
+    runs = lineage.client.search_runs([lineage.experiment_id], f"tags.`{TAG_KEY}` = '{key}' and "
+                                      "attributes.status = 'RUNNING'", max_results=1,
+                                      order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def sync_stage(lineage: Lineage, parent_run: str | None, pipeline: str, node: Any, dag: Any) -> str | None:
+    """Make MLflow hold this complete stage; return its run id (None: not complete on disk)."""
+    run_id, _ = lineage.producer(node.key)
+    if run_id is not None or not complete(node):
+        return run_id
+    record = json.loads((node.out_dir / STAGE_RECORD).read_text())
+    config, parent_keys = record["config"], record["parent_keys"]
+    rid = open_run(lineage, node.key)
+    if rid is None:
+        rid = lineage.start_stage(parent_run or "", pipeline, node, config, parent_keys)
+    MetricsTail(lineage, rid, node.out_dir / "metrics.jsonl").poll(raise_errors=True)
+    upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
+    lineage.finish_stage(rid, node, config, read_artifact(node.out_dir), parent_keys, upstream)
+    return rid
+
+
+def sync_pipeline(dag: Any, names: list[str], parent_run: str | None, spec: dict, flow_run_id: str,
+                  warn: Warn) -> tuple[str | None, list[str]]:
+    """Catch MLflow up on this run's stages; returns (parent run, stages still pending)."""
+    lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
+    pending = [n for n in names if complete(dag.nodes[n])]
+    if lineage is None:
+        return parent_run, pending
+    if parent_run is None:
+        parent_run = guarded(warn, "opening the pipeline run", lineage.start_pipeline,
+                             dag.pipeline.name, spec["resolved"], spec["overrides"], flow_run_id)
+    left = []
+    for name in pending:
+        if guarded(warn, f"recording {name}", sync_stage, lineage, parent_run, dag.pipeline.name,
+                   dag.nodes[name], dag) is None:
+            left.append(name)
+    return parent_run, left
