@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Headless Chromium and its driver, from the distribution, for the MLflow UI browser test
+# (tests/integration/test_mlflow_ui.py). chromium-driver pulls chromium in.
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
+/usr/bin/chromedriver:
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver
+
 demo: $(STAMP)
 	$(VENV)/bin/forge run pipeline=granite-4.1-tiny --only '$(ONLY)'
 
-test: $(STAMP)
+test: $(STAMP) /usr/bin/chromedriver
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

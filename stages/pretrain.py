@@ -172,6 +172,10 @@ def identity(obj: Any) -> Any:
 
 def check_precision(precision: PrecisionSpec, cluster: Any, where: str) -> None:
     """Static check (also valid when planning a GPU cluster from a laptop)."""
+    if precision.dtype == "bf16" and cluster.device == "cpu":
+        # Megatron's linear backward re-enters only CUDA autocast: bf16 on CPU fails mid-step
+        raise ConfigError(f"{where}.dtype: bf16 does not train on CPU (Megatron-core's backward "
+                          f"restores only CUDA autocast); set {where}.dtype=fp32 here, bf16 on GPUs")
     if precision.fp8 != "none" and cluster.device != "cuda":
         raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) needs a GPU with Transformer Engine, but "
                           f"cluster.device is {cluster.device!r}; set {where}.fp8=none or use a GPU "

@@ -194,15 +194,16 @@ def divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(shape: Shape, seq: int, base: Layout, gpus_per_node: int,
-                      max_gpus: int = 8192):
+                      max_gpus: int = 8192, cpu: bool = False):
     """Layouts that keep the stage's DP and never shrink its TP/CP/PP, cheapest first: fewest
     model-parallel devices, then the largest micro-batch (a smaller one only costs some speed),
-    then TP (within a node) before CP before PP."""
+    then TP (within a node) before CP before PP. On CPU only TP and the micro-batch can change
+    (no ring attention, no pipeline schedule there)."""
     tps = [t for t in divisors(shape.groups)
            if shape.heads % t == 0 and base.tp <= t <= max(gpus_per_node, base.tp)]
-    pps = [p for p in divisors(shape.layers) if p >= base.pp]
+    pps = [p for p in divisors(shape.layers) if p >= base.pp and (p == base.pp or not cpu)]
     cps = [c for c in (1, 2, 4, 8, 16, 32, 64, 128)
-           if c >= base.cp and (c == 1 or seq % (2 * c) == 0)]
+           if c >= base.cp and (c == 1 or seq % (2 * c) == 0) and (c == base.cp or not cpu)]
     mbs = divisors(base.micro_batch)
     out = []
     for t, c, p, m in itertools.product(tps, cps, pps, mbs):
@@ -213,8 +214,8 @@ def candidate_layouts(shape: Shape, seq: int, base: Layout, gpus_per_node: int,
 
 
 def first_fitting(shape: Shape, seq: int, base: Layout, usable_bytes: float,
-                  gpus_per_node: int) -> Layout | None:
-    for lay in candidate_layouts(shape, seq, base, gpus_per_node):
+                  gpus_per_node: int, cpu: bool = False) -> Layout | None:
+    for lay in candidate_layouts(shape, seq, base, gpus_per_node, cpu=cpu):
         if memory_per_device(shape, seq, lay).total <= usable_bytes:
             return lay
     return None
@@ -311,7 +312,8 @@ def plan_training_stage(stage: str, config, cluster) -> StagePlan:
     memory = memory_per_device(shape, config.seq_length, layout)
     fit = None
     if memory.total > usable:
-        fit = first_fitting(shape, config.seq_length, layout, usable, cluster.gpus_per_node)
+        fit = first_fitting(shape, config.seq_length, layout, usable, cluster.gpus_per_node,
+                            cpu=cluster.device == "cpu")
     return StagePlan(stage=stage, shape=shape, tokens=config.tokens, seq=config.seq_length,
                      flops=config.tokens * flops_per_token(shape, config.seq_length), layout=layout,
                      memory=memory, usable_bytes=usable, accelerator=cluster.accelerator,

@@ -283,6 +283,8 @@ CASES = [
     case("micro-batch-does-not-divide", ["stages.pretrain-1.micro_batch_size=5"],
          "stages.pretrain-1.micro_batch_size", "does not divide the batch per data-parallel rank"),
     case("accelerator-unknown", ["cluster.accelerator=tpu"], "cluster.accelerator", "unknown 'tpu'"),
+    case("bf16-on-cpu", ["stages.pretrain-2.precision.dtype=bf16"], "stages.pretrain-2.precision.dtype",
+         "set stages.pretrain-2.precision.dtype=fp32 here"),
     case("mfu-above-one", ["cluster.mfu=1.5"], "cluster.mfu", "must be in (0, 1]"),
     case("stage-does-not-fit", ["cluster.memory_gib=0.001", "--only", "pretrain-1"], "stages.pretrain-1",
          "does not fit",
