@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/forge run pipeline=granite-4.1-tiny --only '$(ONLY)'
 
 test: $(STAMP) /usr/bin/chromedriver
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py

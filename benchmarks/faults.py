@@ -71,11 +71,12 @@ def two_launches(work: Path, url: str, index: int) -> Trial:
             missing.append(stage)
     results = [json.loads(p.read_text())["stages"] for p in (store / "runs").glob("*.result.json")]
     trial.detail = f"exits {codes}, launches per stage {launches}"
-    trial.lost = f"no output for {missing}" if missing else ""
+    if missing:
+        trial.lose(f"no output for {missing}")
     if codes != [0, 0]:
-        trial.unmet = "a launch failed: " + " | ".join(o[-800:] for o in outs)
+        trial.miss("a launch failed: " + " | ".join(o[-800:] for o in outs))
     elif set(launches.values()) != {1}:
-        trial.unmet = "a stage ran twice"
+        trial.miss("a stage ran twice")
     keys = [{n: r["key"] for n, r in rec.items()} for rec in results]
     trial.recovered = len(results) == 2 and keys[0] == keys[1] and not missing
     trial.seconds = time.time() - t0
@@ -134,7 +135,7 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n| fault | trials | recovered | data lost | as specified | steps redone (max) | s/trial |")
+    print("\n| fault | trials | recovered | data lost | as specified | steps redone (max) | s/trial |")
     print("|---|---|---|---|---|---|---|")
     for name, trials in rows.items():
         n = len(trials)

@@ -14,7 +14,8 @@ fault at a moment drawn from a seeded RNG, runs the stage again unchanged, and j
   fault damaged was loaded;
 - as specified: the fault-specific promise holds (SIGTERM: exit 143 right after a checkpoint of
   the step it stopped at; damage: a REJECTED line naming the checkpoint and the reason; a full
-  disk: a "NOT saved" error and nothing half-written left; afterwards only complete checkpoints).
+  disk: a "NOT saved" error and nothing half-written left; afterwards only complete checkpoints;
+  no process of the worker outlives it holding its output open).
 ``redone`` counts the steps trained twice (the work a fault cost: up to ``EVERY`` for a kill, 0 for
 SIGTERM).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import re
 import resource
 import shutil
@@ -71,6 +73,12 @@ class Trial:
     redone: int = 0           # steps trained twice
     seconds: float = 0.0
 
+    def miss(self, why: str) -> None:
+        self.unmet = f"{self.unmet}; {why}" if self.unmet else why
+
+    def lose(self, what: str) -> None:
+        self.lost = f"{self.lost}; {what}" if self.lost else what
+
     @property
     def ok(self) -> bool:
         return self.recovered and not self.lost and not self.unmet
@@ -89,14 +97,24 @@ def env() -> dict[str, str]:
 
 
 class Proc:
-    """A process in a session of its own, its output read line by line; killed after ``timeout``."""
+    """A process in a session of its own, its output read line by line (by a thread, so that a
+    stray descendant holding the output open cannot hang the reader); killed after ``timeout``."""
 
     def __init__(self, cmd: list[str], timeout: float = 300):
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
+        self.stray: list[str] = []  # descendants that kept the output open after it ended
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.watchdog = threading.Timer(timeout, self.signal_group, (signal.SIGKILL,))
         self.watchdog.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
 
     @property
     def pid(self) -> int:
@@ -115,17 +133,40 @@ class Proc:
     def wait_for(self, pattern: str) -> bool:
         """Read output until a line matches ``pattern``; False if the output ended first."""
         rx = re.compile(pattern)
-        while line := self.proc.stdout.readline():
+        while (line := self._queue.get()) is not None:
             self.lines.append(line)
             if rx.search(line):
                 return True
+        self._queue.put(None)
         return False
 
-    def finish(self) -> int:
-        self.lines += self.proc.stdout.readlines()
+    def finish(self, grace: float = 10) -> int:
+        """Wait for the process; its output must end within ``grace`` s of it (else ``stray``)."""
         code = self.proc.wait()
         self.watchdog.cancel()
+        self._reader.join(grace)
+        if self._reader.is_alive():
+            self.stray = _session(self.proc.pid) or ["(none of its session)"]
+            self.signal_group(signal.SIGKILL)
+            self._reader.join()
+        while (line := self._queue.get()) is not None:
+            self.lines.append(line)
+        self._queue.put(None)
         return code
+
+
+def _session(sid: int) -> list[str]:
+    """The live processes of session ``sid``: pid, parent, state and command line."""
+    import psutil
+    out = []
+    for p in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} (parent {p.info['ppid']}) {p.info['status']} "
+                           f"{' '.join(p.info['cmdline'] or [])[:90]}")
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
 
 
 def worker(spec: Path, nproc: int = 1) -> Proc:
@@ -204,7 +245,7 @@ class Lab:
         self.data = make_tokenized(self.root)
         self.count = 0
         t0 = time.time()
-        self.reference = self.root / "reference"
+        self.reference, self.reference_config = self.root / "reference", FULL
         ref = worker(write_spec(self.reference, STAGE, FULL, {"tokenize": self.data}))
         stamps = {}
         while ref.wait_for(rf"\[{STAGE}\] (step \d+/|saved)"):
@@ -238,26 +279,35 @@ class Lab:
               reference: tuple[dict, dict] | None = None) -> str:
         """Run the stage again; judge recovery against the reference and the resume point."""
         again = worker(out / "spec.json", nproc)
-        code = again.finish()
+        code = self.finish(again, trial)
         if code != 0:
-            trial.unmet = f"rerun exited {code}: {again.log[-1500:]}"
+            trial.miss(f"rerun exited {code}: {again.log[-1500:]}")
             return again.log
         start = resumed_from(again.log)
         if expect_from is not None and start != expect_from:
-            trial.lost = f"resumed from step {start}, the newest complete checkpoint was step {expect_from}"
+            trial.lose(f"resumed from step {start}, the newest complete checkpoint was step {expect_from}")
         ref_losses, ref_tensors = reference or (self.ref_losses, self.ref_tensors)
         got = final_tensors(out)
         trial.recovered = _equal(got, ref_tensors) and losses(out) == ref_losses and \
             any(k.startswith("optimizer.") for k in got)
         if extra := leftovers(out):
-            trial.unmet = f"left in checkpoints/: {extra}"
+            trial.miss(f"left in checkpoints/: {extra}")
         return again.log
+
+    @staticmethod
+    def finish(proc: Proc, trial: Trial) -> int:
+        """``proc.finish()``; a descendant that outlives it holding its output open fails the trial
+        (a reader such as the orchestrator would wait on it for ever)."""
+        code = proc.finish()
+        if proc.stray:
+            trial.miss(f"a process outlived the worker, holding its output open: {proc.stray}")
+        return code
 
     def after_fault(self, out: Path, trial: Trial) -> int:
         """Check what a fault left: the newest checkpoint with ``done`` must verify; its step."""
         newest = newest_done(out)
         if newest is not None and (why := verify(newest)):
-            trial.lost = f"{newest.name} has done but fails: {why}"
+            trial.lose(f"{newest.name} has done but fails: {why}")
         return step_of(newest) if newest else 0
 
     # -------------------------------------------------------------- faults
@@ -270,7 +320,7 @@ class Lab:
         if proc.wait_for(trigger(step)):
             time.sleep(delay)
             os.kill(proc.pid, signal.SIGKILL)
-        code = proc.finish()
+        code = self.finish(proc, trial)
         root = out / "checkpoints"
         torn = sorted(p.name for p in root.glob("*")
                       if p.name.startswith(".tmp-") or not (p / "done").exists()) if root.is_dir() else []
@@ -293,7 +343,7 @@ class Lab:
         if proc.wait_for(trigger(step)):
             time.sleep(delay)
             proc.signal_group(signal.SIGTERM)
-        code = proc.finish()
+        code = self.finish(proc, trial)
         trial.detail = f"after step {step} + {1000 * delay:.0f} ms -> exit {code}"
         stopped = self._check_stop(proc.log, code, 143, out, trial)
         self.rerun(out, trial, stopped)
@@ -305,12 +355,12 @@ class Lab:
         m = re.search(rf"\[{STAGE}\] stopped by SIGTERM after step (\d+): saved checkpoints/iter_\d+", log)
         complete = self.after_fault(out, trial)
         if m is None or code != want_code:
-            trial.unmet = f"exit {code}, no 'stopped by SIGTERM' line" if m is None else f"exit {code}"
+            trial.miss(f"exit {code}, no 'stopped by SIGTERM' line" if m is None else f"exit {code}")
             return complete
         stopped = int(m.group(1))
         trial.detail += f", stopped after step {stopped} (last logged {last_step(log)})"
         if complete != stopped or last_step(log) != stopped:
-            trial.unmet = f"stopped after step {stopped}, newest checkpoint {complete}"
+            trial.miss(f"stopped after step {stopped}, newest checkpoint {complete}")
         return stopped
 
     def term_orchestrator(self) -> Trial:
@@ -324,7 +374,7 @@ class Lab:
         if orch.wait_for(trigger(step)):
             time.sleep(delay)
             os.kill(orch.pid, signal.SIGTERM)  # the orchestrator only, as `kill PID` or a scheduler
-        code = orch.finish()
+        code = self.finish(orch, trial)
         pid = int((out / "worker.pid").read_text()) if (out / "worker.pid").exists() else None
         time.sleep(0.5)
         alive = pid is not None and psutil.pid_exists(pid) and \
@@ -333,15 +383,15 @@ class Lab:
         log = (out / "worker.log").read_text()
         stopped = self._check_stop(log, code, -signal.SIGTERM, out, trial)
         if alive:
-            trial.unmet = f"worker {pid} still running after the orchestrator ended"
+            trial.miss(f"worker {pid} still running after the orchestrator ended")
         again = Proc([sys.executable, "-c", ORCHESTRATOR, str(out / "spec.json")])
-        if again.finish() != 0:
-            trial.unmet = f"rerun failed: {again.log[-1500:]}"
+        if self.finish(again, trial) != 0:
+            trial.miss(f"rerun failed: {again.log[-1500:]}")
         else:
             trial.recovered = losses(out) == self.ref_losses and \
                 _equal(final_tensors(out), self.ref_tensors)
             if resumed_from((out / "worker.log").read_text().split("\n--- ")[-1]) != stopped:
-                trial.lost = "the rerun did not resume at the step it stopped at"
+                trial.lose("the rerun did not resume at the step it stopped at")
         trial.redone = max(0, last_step(log) - stopped)
         trial.seconds = time.time() - t0
         return trial
@@ -365,15 +415,15 @@ class Lab:
             time.sleep(delay)
             ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
             ranks["1"].send_signal(signal.SIGTERM)
-        code = proc.finish()
+        code = self.finish(proc, trial)
         trial.detail = f"rank 1 after step {step} + {1000 * delay:.0f} ms -> torchrun exit {code}"
         stopped = self._check_stop(proc.log, code, 1, out, trial)
         ranks_exit = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.log)
         if set(ranks_exit) != {"143"}:
-            trial.unmet = f"rank exit codes {ranks_exit}"
+            trial.miss(f"rank exit codes {ranks_exit}")
         newest = newest_done(out)
         if newest is None or len(list((newest / "rng").glob("rank_*.pt"))) != 2:
-            trial.unmet = "the stop checkpoint lacks a rank's state"
+            trial.miss("the stop checkpoint lacks a rank's state")
         self.rerun(out, trial, stopped, nproc=2, reference=self._dp2)
         trial.redone = max(0, last_step(proc.log) - stopped)
         trial.seconds = time.time() - t0
@@ -398,11 +448,11 @@ class Lab:
         log = self.rerun(out, trial, expect)
         for s in (25, 20, 15)[:len(kinds)]:
             if not re.search(rf"\[{STAGE}\] REJECTED checkpoint \S+iter_{s:07d}: \S", log):
-                trial.unmet = f"no REJECTED line for iter_{s:07d}"
+                trial.miss(f"no REJECTED line for iter_{s:07d}")
             if not list((out / "checkpoints").glob(f"rejected-iter_{s:07d}-*")):
-                trial.unmet = f"iter_{s:07d} was not moved aside"
+                trial.miss(f"iter_{s:07d} was not moved aside")
         if resumed_from(log) > expect:
-            trial.lost = f"loaded a damaged checkpoint (step {resumed_from(log)})"
+            trial.lose(f"loaded a damaged checkpoint (step {resumed_from(log)})")
         trial.redone = 27 - resumed_from(log)
         trial.seconds = time.time() - t0
         return trial
@@ -459,14 +509,14 @@ class Lab:
                     fill(mount, SLACK)
                 else:
                     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
-            code = proc.finish()
+            code = self.finish(proc, trial)
             m = re.search(rf"\[{STAGE}\] checkpoint (iter_\d+) was NOT saved \(.*?\); (.*?free on)", proc.log)
             trial.detail = (f"full after step {step} -> exit {code}, "
                             + (f"{m.group(1)} not saved" if m else "no 'NOT saved' error"))
             if code == 0 or m is None:
-                trial.unmet = "the save did not fail loudly"
+                trial.miss("the save did not fail loudly")
             if extra := leftovers(out):
-                trial.unmet = f"half-written left behind: {extra}"
+                trial.miss(f"half-written left behind: {extra}")
             complete = self.after_fault(out, trial)
             (mount / "ballast").unlink(missing_ok=True)  # space is back
             log = self.rerun(out, trial, complete)

@@ -12,7 +12,9 @@ The handler only records the signal. After every step all ranks call ``StopSigna
 all-reduce (MAX) of the signal number, so every rank stops after the same step even when the
 signal reaches them at different moments (the save is collective: a rank stopping alone would
 leave the others waiting in it). On one process it is free; on gloo it is one tiny all-reduce per
-step. No training numerics change.
+step. No training numerics change. From the agreed stop to the exit, further SIGTERM/SIGINT are
+ignored (torchrun SIGTERMs the ranks still exiting once one has ended); SIGKILL still ends a worker
+that hangs.
 
 Exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the shell's convention, tells a
 clean stop (checkpoint written) from a crash (1) or a kill (-9 in Python, 137 in a shell); under

@@ -13,16 +13,22 @@ which runs many more trials and prints a table). Each test runs one or two trial
 - damaged newest checkpoints (a flipped bit, a truncated or deleted file, a torn or wrong ``done``):
   each REJECTED in the log with the reason, moved aside, never loaded;
 - a disk that fills up (a tmpfs where this process may mount one; RLIMIT_FSIZE everywhere): the save
-  fails with a "NOT saved" error, leaves nothing half-written, and a rerun resumes bit-exact.
+  fails with a "NOT saved" error, leaves nothing half-written, and a rerun resumes bit-exact;
+- a damaged parent checkpoint: the next phase refuses to start from it, saying which and what to do.
 
 Two launches of the same stage at once (the stage lock) are tested in
 tests/integration/test_resume_and_concurrency.py.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+
 import pytest
 
-from tests.faults import Lab, can_mount_tmpfs
+from tests.faults import STAGE, Lab, can_mount_tmpfs, worker
+from tests.integration.test_pretrain_worker import write_spec
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +69,39 @@ def test_full_disk_fails_the_save_cleanly_and_a_rerun_resumes(lab, method, tmp_p
         pytest.skip("this process may not mount a tmpfs (needs root with CAP_SYS_ADMIN); "
                     "the rlimit case covers the same path")
     check(lab.disk_full(method))
+
+
+def test_damaged_parent_checkpoint_is_refused_with_the_fix(lab):
+    parent = lab.root / "parent"
+    shutil.copytree(lab.reference, parent, ignore=shutil.ignore_patterns("data_cache"))
+    shard = sorted((parent / "checkpoints" / "iter_0000040").glob("*.distcp"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 3] ^= 0x10
+    shard.write_bytes(bytes(blob))
+    config = dict(lab.reference_config, tokens=8 * 8 * 64)
+    config["from"] = STAGE
+    spec = write_spec(lab.root / "child", "pretrain-b", config,
+                      {"tokenize": lab.data, STAGE: parent})
+    run = worker(spec)
+    assert run.finish() != 0
+    assert f"the checkpoint of parent stage {STAGE} is damaged" in run.log, run.log[-2000:]
+    assert f"{shard.name} fails its sha256 check; run {STAGE} again" in run.log
+    assert "forge run --rerun pretrain-a" in run.log
+
+
+def test_sigint_and_sigterm_are_recorded_and_then_ignored_until_exit():
+    from stages.training.preemption import Preempted, StopSignals
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignals().install()
+    try:
+        assert stop.agreed() == 0
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: recorded
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal counts
+        assert stop.agreed() == signal.SIGINT
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # stopping: nothing cuts it short
+        assert Preempted(signal.SIGINT, 7, "checkpoints/iter_0000007").exit_code == 130
+        assert Preempted(signal.SIGTERM, 7, "x").exit_code == 143
+    finally:
+        stop.uninstall()
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
