@@ -4,8 +4,9 @@ nothing lost.
 Each trial (``tests/faults.py``, which the CI test ``tests/reliability/test_faults.py`` runs a few
 of) starts the real stage worker on a tiny phase (40 steps of 8x64 tokens, a checkpoint every 5),
 injects one fault at a moment drawn from a seeded RNG (printed), runs the stage again, and
-compares with an uninterrupted reference run. Two launches of the same stage at once go through
-the real CLI and a real Prefect server (the stage lock). Prints one line per trial, then a table:
+compares with an uninterrupted reference run. Two launches of the same stage at once, a Prefect
+server restart and an MLflow outage go through the real CLI and real servers
+(``tests/service_faults.py``). Prints one line per trial, then a table:
 
 - recovered: the rerun equals the reference bit for bit (weights, AdamW moments, every loss);
 - data lost: the rerun resumed from an older checkpoint than the newest complete one, loaded a
@@ -16,7 +17,8 @@ the real CLI and a real Prefect server (the stage lock). Prints one line per tri
 - steps redone: steps trained twice because of the fault (a kill loses up to one checkpoint
   interval, a SIGTERM nothing).
 
-    python benchmarks/faults.py [--trials 20] [--other-trials 4] [--launch-trials 1] [--seed 0]
+    python benchmarks/faults.py [--trials 20] [--other-trials 4] [--launch-trials 1]
+                                [--service-trials 2] [--seed 0]
                                 [--only kill,term,...] [--keep DIR]
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests.faults import Lab, Trial, can_mount_tmpfs  # noqa: E402
 from tests.helpers import SMALL, start_prefect_server  # noqa: E402
+from tests.service_faults import mlflow_outage_trial, prefect_restart_trial  # noqa: E402
 
 FAULTS = {  # key: (row name, how many trials: "trials" | "other" | "launch")
     "kill": ("SIGKILL of the worker (half inside a save)", "trials"),
@@ -46,6 +49,8 @@ FAULTS = {  # key: (row name, how many trials: "trials" | "other" | "launch")
     "disk_tmpfs": ("disk full (tmpfs, ENOSPC)", "other"),
     "disk_rlimit": ("file-size limit (RLIMIT_FSIZE, EFBIG)", "other"),
     "launches": ("two launches of one stage at once", "launch"),
+    "prefect_restart": ("Prefect server restarted mid-stage", "service"),
+    "mlflow_down": ("MLflow server down mid-run", "service"),
 }
 DAMAGE = ("flip", "truncate", "delete", "done")
 
@@ -89,6 +94,8 @@ def main() -> None:
     ap.add_argument("--other-trials", type=int, default=4, help="trials of each other worker fault")
     ap.add_argument("--launch-trials", type=int, default=1,
                     help="concurrent-launch trials (each runs the small pipeline's first stages)")
+    ap.add_argument("--service-trials", type=int, default=2,
+                    help="trials of each service fault (Prefect restart, MLflow outage)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault moments")
     ap.add_argument("--only", default=",".join(FAULTS), help=f"comma list of {', '.join(FAULTS)}")
     ap.add_argument("--keep", type=Path, help="work in DIR and keep it (default: a temp dir)")
@@ -97,7 +104,8 @@ def main() -> None:
     unknown = set(only) - set(FAULTS)
     if unknown:
         ap.error(f"unknown faults {sorted(unknown)}; choose from {', '.join(FAULTS)}")
-    counts = {"trials": args.trials, "other": args.other_trials, "launch": args.launch_trials}
+    counts = {"trials": args.trials, "other": args.other_trials, "launch": args.launch_trials,
+              "service": args.service_trials}
     work = args.keep or Path(tempfile.mkdtemp(prefix="forge-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -112,7 +120,7 @@ def main() -> None:
             if key == "disk_tmpfs" and not tmpfs:
                 print(f"{name}: skipped, this process may not mount a tmpfs", flush=True)
                 continue
-            if key == "launches" and n and server is None:
+            if key in ("launches", "mlflow_down") and n and server is None:
                 (work / "prefect").mkdir(exist_ok=True)
                 server, url = start_prefect_server(work / "prefect")
             for i in range(n):
@@ -124,6 +132,10 @@ def main() -> None:
                     trial = lab.disk_full(key.split("_")[1])
                 elif key == "launches":
                     trial = two_launches(work, url, i)
+                elif key == "prefect_restart":
+                    trial = prefect_restart_trial(work / f"prefect-restart-{i}")
+                elif key == "mlflow_down":
+                    trial = mlflow_outage_trial(work / f"mlflow-down-{i}", url)
                 else:
                     trial = getattr(lab, key)()
                 print(f"  {i + 1:2d}. {trial.line()}", flush=True)
