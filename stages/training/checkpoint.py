@@ -221,19 +221,8 @@ def prewarm_writer() -> None:
 
     def warm():
         try:
-            import multiprocessing as mp
-            from multiprocessing.managers import SyncManager
-
-            from torch.distributed.checkpoint.filesystem import _StorageInfo
-            from torch.distributed.checkpoint.metadata import MetadataIndex
-            from torch.distributed.checkpoint.storage import WriteResult
-            manager = SyncManager(ctx=mp.get_context("spawn"))  # what Megatron would create...
-            manager.start(_exit_with_parent, (os.getpid(),))  # ...but one that dies with us
-            queue = manager.Queue()
-            queue.put({0: [WriteResult(MetadataIndex("warm"), 0, _StorageInfo("warm", 0, 0))]})
-            queue.get()
-            _WARM_QUEUE.extend([queue, manager])
-        except Exception:
+            _WARM_QUEUE.extend(_start_manager())
+        except Exception:  # e.g. an import racing the main thread's: the first save retries
             pass
         finally:
             _WARM_READY.set()
@@ -244,16 +233,33 @@ def prewarm_writer() -> None:
         _PREWARM.start()
 
 
-def _exit_with_parent(parent: int) -> None:
+def _start_manager() -> list:
+    """[queue, manager]: what Megatron would create, but a manager that dies with this process."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.storage import WriteResult
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    lasting = threading.current_thread() in (threading.main_thread(), _PREWARM)
+    manager.start(_exit_with_parent, (os.getpid(), lasting))
+    queue = manager.Queue()
+    queue.put({0: [WriteResult(MetadataIndex("warm"), 0, _StorageInfo("warm", 0, 0))]})
+    queue.get()
+    return [queue, manager]
+
+
+def _exit_with_parent(parent: int, deathsig: bool) -> None:
     """Initializer of the manager process: exit once the process that started it is gone.
 
-    The kernel's parent-death signal (Linux), and a thread that watches the parent as well: a
-    manager that outlived a SIGKILLed worker was seen (rarely) with the watch thread alone. It
-    ignores SIGTERM and SIGINT: sent to the worker's whole process group (a scheduler, the
-    orchestrator), they would end it in the middle of the checkpoint the worker writes on them."""
+    The kernel's parent-death signal (Linux; it follows the thread that started the manager: used
+    when that thread lasts), and a thread that watches the parent as well. It ignores
+    SIGTERM and SIGINT: sent to the worker's whole process group (a scheduler, the orchestrator),
+    they would end it in the middle of the checkpoint the worker writes on them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.uname().sysname == "Linux":
+    if deathsig and os.uname().sysname == "Linux":
         import ctypes
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
@@ -268,6 +274,11 @@ def _exit_with_parent(parent: int) -> None:
 def _use_warm_queue() -> None:
     if _PREWARM is not None:
         _WARM_READY.wait()
+    if not _WARM_QUEUE:  # no prewarm, or it failed: still not Megatron's manager, which would
+        try:             # outlive a killed worker and keep its output open
+            _WARM_QUEUE.extend(_start_manager())
+        except Exception:
+            pass
     if _WARM_QUEUE:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
         if getattr(filesystem_async, "_results_queue", "missing") is None:
