@@ -110,9 +110,14 @@ def stage_states(run: RunRecord) -> dict[str, str]:
     """The state, now, of each stage that run selected."""
     dag = run.dag()
     steps = make_plan(dag, run.spec.get("only"))
+    # what the run selected: its --only matches and all their ancestors (complete ones included,
+    # which a plan made now would leave out)
+    picked = {s.name for s in steps if s.action != "skip"}
+    for name in list(picked):
+        picked |= set(dag.ancestors(name))
     states = {}
     for step in steps:
-        if step.action == "skip":
+        if step.name not in picked:
             continue
         node = step.node
         if complete(node):
