@@ -1,4 +1,4 @@
-"""Peak memory of ``stages/convert.py`` in both directions, each in a fresh process.
+"""Peak memory of ``stages/models/convert.py`` in both directions, each in a fresh process.
 
 A Granite-shaped model (default: hidden 768, 12 layers, 12 heads / 4 KV groups, head dim 64,
 SwiGLU 2048, vocab 32000; 100.1M parameters tied, 124.7M untied) is saved as a Megatron
@@ -70,7 +70,7 @@ def _import_everything() -> None:
     import torch.distributed.checkpoint.planner_helpers  # noqa: F401
     from transformers import GraniteConfig  # noqa: F401
 
-    import stages.convert  # noqa: F401
+    import stages.models.convert  # noqa: F401
     import stages.training.checkpoint  # noqa: F401
 
 
@@ -96,7 +96,7 @@ def _measured(run) -> dict:
 
 
 def _spec(args):
-    from stages.training.specs import ModelSpec
+    from stages.specs import ModelSpec
     return ModelSpec(hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads,
                      num_query_groups=args.groups, kv_channels=args.hidden // args.heads,
                      ffn_hidden_size=args.ffn, vocab_size=args.vocab,
@@ -111,7 +111,7 @@ def _child_make(args) -> dict:
     from stages.training.checkpoint import TrainState, save_checkpoint
     from stages.training.cpu_shim import apply_cpu_shim, init_cpu_rng_tracker, local_process_group
     from stages.training.model import build_model
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     apply_cpu_shim()
     with local_process_group():
         ps.initialize_model_parallel(tensor_model_parallel_size=1)
@@ -126,7 +126,7 @@ def _child_make(args) -> dict:
             ckpt = save_checkpoint(Path(args.dir) / "megatron", model, None, TrainState())
         finally:
             ps.destroy_model_parallel()
-    from stages.convert_io import SliceReader
+    from stages.models.convert_io import SliceReader
     meta = SliceReader(ckpt).meta
     weights = sum(md.size.numel() * md.properties.dtype.itemsize
                   for md in meta.values() if hasattr(md, "size"))
@@ -158,7 +158,7 @@ def _child_verify(args) -> dict:
 
 
 def _child(args) -> dict:
-    from stages.convert import hf_to_megatron, megatron_to_hf
+    from stages.models.convert import hf_to_megatron, megatron_to_hf
     d = Path(args.dir)
     if args.child == "make":
         return _child_make(args)

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from stages.schema import from_dict  # noqa: E402
 from stages.training.compute import ACCELERATORS, GIB, Shape, flops_per_token, human  # noqa: E402
-from stages.training.specs import FP8_RECIPES, ModelSpec  # noqa: E402
+from stages.specs import FP8_RECIPES, ModelSpec  # noqa: E402
 
 SHAPE_FLAGS = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_attention_heads",
                "groups": "num_query_groups", "head_dim": "kv_channels", "ffn": "ffn_hidden_size",

@@ -30,7 +30,7 @@ MINIMAL = textwrap.dedent("""
     import json, sys, time
     import torch
     from stages.schema import from_dict
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     from stages.training.cpu_shim import apply_cpu_shim, init_cpu_rng_tracker
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

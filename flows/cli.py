@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import signal
 import sys
 import time
@@ -115,30 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """a=1,2 b=3 -> [[a=1, b=3], [a=2, b=3]] (Hydra's override grammar)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    parser, parsed = OverridesParser.create(), []
-    for line in overrides:  # one at a time, so the error names the override that is wrong
-        try:
-            parsed += parser.parse_overrides([line])
-        except HydraException as e:
-            key = line.split("=", 1)[0] or line
-            raise ConfigError(f"{key}: bad override {line!r} ({str(e).splitlines()[0]}); a sweep "
-                              "looks like key=a,b,c") from e
-    choices = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([o.input_line])
-    return [list(c) for c in itertools.product(*choices)]
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import runner
+    from flows.config import expand_sweeps
     combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
     preps = [runner.prepare(c, args.only, tuple(args.rerun)) for c in combos]  # validate all first
     code = 0
@@ -250,21 +228,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from flows import runner
-    from flows.lineage_view import print_lineage
+    from flows.tracking.view import print_lineage
     prep = runner.prepare(args.overrides)
     return print_lineage(prep.dag, args.stage)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from flows.config import load
-    from flows.ui import serve
+    from flows.tracking.ui import serve
     store = [f"store={Path(args.store).resolve()}"] if args.store else []
     pipe = load(list(args.overrides) + store)
     return serve(pipe.tracking_uri, pipe.store, args.port, lambda line: print(line, flush=True))
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.registry import promote_stage
+    from flows.tracking.promote import promote_stage
     return promote_stage(args.overrides, args.stage, args.alias)
 
 
@@ -272,14 +250,13 @@ def cmd_launch_command(args: argparse.Namespace) -> int:
     from flows.config import load
     from flows.dag import build
     from flows.launchers import launch_plan
-    from stages.training.specs import stage_cluster
     dag = build(load(args.overrides))
     training = [n for n, node in dag.nodes.items() if node.kind_cls.launcher == "torchrun"]
     name = args.stage or (training or list(dag.nodes))[0]
     if name not in dag.nodes:
         raise ConfigError(f"--stage {name}: no such stage; stages: {', '.join(dag.nodes)}")
     node = dag.nodes[name]  # the layout the stage runs with (its own `parallel`, as the flow does)
-    cluster = stage_cluster(dag.pipeline.cluster, getattr(node.config, "parallel", None) or {})
+    cluster = node.kind_cls.layout(node.config, dag.pipeline.cluster)
     print(f"# stage {name} ({node.kind}), launcher {cluster.launcher}; forge writes "
           f"{node.out_dir / 'spec.json'} when the stage runs")
     print(launch_plan(cluster, node.out_dir / "spec.json", node.kind_cls.launcher))

@@ -1,23 +1,24 @@
 """The compute side of `forge plan`: per training stage, what it costs and whether it fits.
 
-The arithmetic lives in ``stages/training/compute.py``; this module picks the training stages of
-a DAG, applies each stage's own ``parallel`` layout over the cluster's, and prints the table.
+The arithmetic lives in ``stages/training/compute.py``; each kind plans its own stages
+(``StageKind.compute_plan``, with the stage's own layout over the cluster's); this module prints
+the table.
 A stage that does not fit stops `forge run` before any compute (``check_fits``).
 """
 from __future__ import annotations
 
 from flows.dag import Dag
 from flows.plan import Step
-from stages.pretrain import PretrainConfig
 from stages.schema import ConfigError
-from stages.training.compute import GIB, StagePlan, human, plan_training_stage
-from stages.training.specs import stage_cluster
+from stages.training.compute import GIB, StagePlan, human
 
 
 def compute_plans(dag: Dag) -> dict[str, StagePlan]:
+    """Each stage's plan, from its kind (``StageKind.compute_plan``; None: nothing to plan)."""
     cluster = dag.pipeline.cluster
-    return {name: plan_training_stage(name, node.config, stage_cluster(cluster, node.config.parallel))
-            for name, node in dag.nodes.items() if isinstance(node.config, PretrainConfig)}
+    plans = {name: node.kind_cls.compute_plan(name, node.config, cluster)
+             for name, node in dag.nodes.items()}
+    return {name: plan for name, plan in plans.items() if plan is not None}
 
 
 def format_compute(plans: dict[str, StagePlan]) -> str:

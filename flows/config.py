@@ -1,11 +1,12 @@
 """Composition -> typed, frozen ``PipelineConfig``. The only module that imports Hydra.
 
 YAML groups under ``conf/`` are the data (pipeline, model, cluster, tracking); the dataclasses of
-each stage kind and of ``stages.training.specs`` are the schema. Compose once, validate once.
+each stage kind and of ``stages.specs`` and ``stages.cluster`` are the schema. Compose once, validate once.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 from stages import KINDS
 from stages.schema import ConfigError, from_dict, setting
-from stages.training.specs import ModelSpec, ParallelSpec
+from stages.cluster import ParallelSpec
+from stages.specs import ModelSpec
 
 CONF_DIR = Path(os.environ.get("FORGE_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
@@ -254,3 +256,25 @@ def typed(data: dict, overrides: tuple[str, ...] = ()) -> PipelineConfig:
     return PipelineConfig(name=str(data.get("pipeline_name", "pipeline")), store=store,
                           cluster=cluster, tracking=tracking, stages=stages, resolved=data,
                           overrides=overrides)
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """a=1,2 b=3 -> [[a=1, b=3], [a=2, b=3]] (Hydra's override grammar)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    parser, parsed = OverridesParser.create(), []
+    for line in overrides:  # one at a time, so the error names the override that is wrong
+        try:
+            parsed += parser.parse_overrides([line])
+        except HydraException as e:
+            key = line.split("=", 1)[0] or line
+            raise ConfigError(f"{key}: bad override {line!r} ({str(e).splitlines()[0]}); a sweep "
+                              "looks like key=a,b,c") from e
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(c) for c in itertools.product(*choices)]

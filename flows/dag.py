@@ -14,7 +14,7 @@ from typing import Any
 
 from flows.config import PipelineConfig
 from stages import KINDS
-from stages.base import StageKind
+from stages.base import StageGraph, StageKind
 from stages.schema import ConfigError, identity_dict
 
 KEY_VERSION = 1  # bump only if the key recipe itself changes
@@ -41,6 +41,7 @@ class Node:
 class Dag:
     pipeline: PipelineConfig
     nodes: dict[str, Node]   # in topological order
+    graph: StageGraph        # what the kinds validated against (model_of, tokenizer_of, ...)
 
     def ancestors(self, name: str) -> list[str]:
         seen: list[str] = []
@@ -92,9 +93,10 @@ def build(pipeline: PipelineConfig) -> Dag:
                                       "name an earlier stage")
         parents[name] = tuple(dict.fromkeys(refs))
     order = _topological(parents)
-    configs = {n: s.config for n, s in specs.items()}
+    graph = StageGraph({n: KINDS[s.kind] for n, s in specs.items()},
+                       {n: s.config for n, s in specs.items()}, KINDS.values())
     for name in order:
-        KINDS[specs[name].kind].check(specs[name].config, name, configs, pipeline.cluster)
+        KINDS[specs[name].kind].check(specs[name].config, name, graph, pipeline.cluster)
     keys: dict[str, str] = {}
     nodes: dict[str, Node] = {}
     for name in order:
@@ -103,7 +105,7 @@ def build(pipeline: PipelineConfig) -> Dag:
         keys[name] = key
         nodes[name] = Node(name, spec.kind, spec.config, parents[name], key,
                            pipeline.store / f"{name}-{key[:12]}")
-    return Dag(pipeline, nodes)
+    return Dag(pipeline, nodes, graph)
 
 
 def _topological(parents: dict[str, tuple[str, ...]]) -> list[str]:

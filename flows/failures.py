@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.plan import complete
+from stages.layout import FAILURE_FILE
 
-FAILURE_FILE = "failure.json"
 
 
 def write_failure(out_dir: Path, stage: str, key: str, code: int, tail: list[str],

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from flows.launchers import check_available, prepare, settings_env, worker_command
-from stages.training.specs import ParallelSpec
+from stages.cluster import ParallelSpec
 
 __all__ = ["StageFailed", "run_worker", "stage_lock", "worker_command", "worker_env"]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.schema import ConfigError
-from stages.training.launch_spec import node_layout
+from stages.launch_spec import node_layout
 
 WORKER = ["-m", "stages.worker"]
 TORCHRUN = ["-m", "torch.distributed.run"]

@@ -22,18 +22,26 @@ from flows.config import typed
 from flows.dag import Dag, Node, build
 from flows.failures import clear_failure, write_failure
 from flows.launch import StageFailed, run_worker, stage_lock
-from flows.lineage import MetricsTail
-from flows.lineage_sync import connect, guarded, sync_pipeline
+from flows.tracking.lineage import MetricsTail
+from flows.tracking.sync import connect, guarded, sync_pipeline
 from flows.plan import Step, complete, make_plan, write_stage_record
-from stages.base import ARTIFACT_FILE, read_artifact
+from stages.base import read_artifact
+from stages.layout import ARTIFACT_FILE
 from stages.schema import to_dict
-from stages.training.specs import stage_cluster
 
 
 def load_run(run_file: str) -> tuple[dict, Dag, list[Step]]:
     spec = json.loads(Path(run_file).read_text())
     dag = build(typed(spec["resolved"], tuple(spec["overrides"])))
     return spec, dag, make_plan(dag, spec.get("only"), tuple(spec.get("rerun", ())))
+
+
+def create_prefect_db() -> None:
+    """Create the embedded server's database once (concurrent launches raced on its migrations)."""
+    import asyncio
+
+    from prefect.server.database import provide_database_interface
+    asyncio.run(provide_database_interface().create_db())
 
 
 def cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
@@ -68,9 +76,10 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         inputs = {p: {"out_dir": str(dag.nodes[p].out_dir),
                       "artifact": json.loads((dag.nodes[p].out_dir / ARTIFACT_FILE).read_text())}
                   for p in node.parents}
-        cluster = stage_cluster(dag.pipeline.cluster, getattr(node.config, "parallel", None) or {})
-        worker_spec = {"kind": node.kind, "stage": stage, "key": key, "config": config,
-                       "inputs": inputs, "out_dir": str(node.out_dir), "cluster": to_dict(cluster)}
+        cluster = node.kind_cls.layout(node.config, dag.pipeline.cluster)
+        worker_spec = {"kind": node.kind, "kind_module": node.kind_cls.__module__, "stage": stage,
+                       "key": key, "config": config, "inputs": inputs, "out_dir": str(node.out_dir),
+                       "cluster": to_dict(cluster)}
         warn = logger.warning
         lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
         mlflow_run = lineage and guarded(warn, f"opening {stage}'s run", lineage.start_stage,
@@ -155,7 +164,7 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                         step.name, step.node.key)
                 logger.info(f"{step.name}: cached -> {step.node.out_dir}")
     finally:
-        # MLflow catches up on whatever an outage kept from it (flows/lineage_sync.py)
+        # MLflow catches up on whatever an outage kept from it (flows/tracking/sync.py)
         ran = [s.name for s in steps if s.action != "skip"]
         parent_run, pending = sync_pipeline(dag, ran, parent_run, spec, str(flow_run.get_id()), warn)
         if pending:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from flows.dag import Dag, Node
 from stages.base import read_artifact
+from stages.layout import STAGE_RECORD
 from stages.schema import ConfigError
 
-STAGE_RECORD = "stage.json"   # written into each out_dir when a stage starts: kind, key, identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +36,9 @@ def complete(node: Node) -> bool:
 
 
 def newest_checkpoint(node: Node) -> str | None:
-    ckdir = node.out_dir / "checkpoints"
-    if not ckdir.is_dir():
-        return None
-    done = sorted(p.name for p in ckdir.iterdir() if p.is_dir() and (p / "done").exists())
-    return done[-1] if done else None
+    """The checkpoint (``checkpoints/<name>``) an unfinished attempt of the node resumes from."""
+    found = node.kind_cls.resume_point(node.out_dir)
+    return found.name if found is not None else None
 
 
 def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) -> list[Step]:

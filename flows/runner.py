@@ -6,7 +6,6 @@ unless PREFECT_API_URL / PREFECT_HOME or ``tracking.uri`` point elsewhere.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -58,15 +57,13 @@ def check_hardware(prep: Prepared) -> None:
     """What only this machine can tell: a GPU for cuda clusters and FP8 stages; for Slurm and
     Kubernetes, that this machine can launch there (the GPUs are the nodes', not ours)."""
     from flows.launchers import check_available
-    from stages.pretrain import require_fp8_runtime
     if any(s.executes for s in prep.steps):
         check_available(prep.dag.pipeline.cluster)
     if prep.dag.pipeline.cluster.launcher != "torchrun":
         return
     for s in prep.steps:
-        precision = getattr(s.node.config, "precision", None)
-        if s.executes and precision is not None:
-            require_fp8_runtime(precision, f"stages.{s.name}.precision")
+        if s.executes:
+            s.node.kind_cls.preflight(s.node.config, f"stages.{s.name}")
     if prep.dag.pipeline.cluster.device == "cuda" and any(s.executes for s in prep.steps):
         import torch
         if not torch.cuda.is_available():
@@ -109,9 +106,9 @@ def init_stores(prep: Prepared) -> None:
     store = prep.dag.pipeline.store
     with store_lock(store, "init.lock"):
         if not os.environ.get("PREFECT_API_URL"):
-            from prefect.server.database import provide_database_interface
-            asyncio.run(provide_database_interface().create_db())
-        from flows.lineage_sync import connect  # MLflow down: the run goes on, lineage catches up
+            from flows.pipeline import create_prefect_db  # imports Prefect
+            create_prefect_db()
+        from flows.tracking.sync import connect  # MLflow down: the run goes on, lineage catches up
         connect(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment, print)
 
 

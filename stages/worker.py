@@ -7,6 +7,7 @@ and exits ``128 + signal`` (``stages/training/preemption.py``).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -16,11 +17,13 @@ from stages import KINDS
 from stages.base import Artifact, RunContext, StageInput, write_artifact
 from stages.schema import from_dict
 from stages.training.preemption import Preempted
-from stages.training.specs import ParallelSpec
+from stages.cluster import ParallelSpec
 
 
 def load_spec(path: Path) -> tuple:
     spec = json.loads(Path(path).read_text())
+    if spec["kind"] not in KINDS and spec.get("kind_module"):
+        importlib.import_module(spec["kind_module"])  # a kind registered outside stages/
     kind = KINDS[spec["kind"]]
     config = from_dict(kind.Config, spec["config"], f"stages.{spec['stage']}")
     inputs = {name: StageInput(name, Path(v["out_dir"]), Artifact(**v["artifact"]))

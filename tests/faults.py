@@ -54,7 +54,7 @@ ORCHESTRATOR = """
 import json, sys
 from pathlib import Path
 from flows.launch import StageFailed, run_worker
-from stages.training.specs import ParallelSpec
+from stages.cluster import ParallelSpec
 spec = json.loads(Path(sys.argv[1]).read_text())
 try:
     run_worker(spec["stage"], "torchrun", ParallelSpec(), spec, Path(spec["out_dir"]), print)

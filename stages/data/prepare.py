@@ -12,14 +12,94 @@ rows keep their original order. Reruns write the same bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Literal
 
-from stages.base import Artifact, RunContext, file_digest
-from stages.data_kinds import PROMPTED_GENERATORS, PrepareDataConfig, SourceSpec
-from stages.schema import ConfigError
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.schema import ConfigError, param
+
+GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo", "recall")
+PROMPTED_GENERATORS = ("recall",)  # their documents are {"prompt", "text"}: loss on the text only
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """One mixture domain: either the embedded generator or a `datasets` builder with files."""
+    generator: Literal["web", "code", "math", "technical", "chat", "long", "repo",
+                       "recall"] | None = param(
+        None, "embedded deterministic corpus for this domain")
+    documents: int = param(1000, "generator: number of documents")
+    builder: str | None = param(None, "datasets builder or hub path (json, parquet, text, org/name)")
+    data_files: tuple[str, ...] = param((), "builder: local files / globs / URLs")
+    split: str = param("train", "builder: split to read")
+    text_field: str = param("text", "column holding the document text")
+    prompt_field: str | None = param(
+        None, "column holding a prompt that comes before the text and carries no loss "
+              "(completion-only loss: instruction data, retrieval drills); generators set it")
+
+    def __post_init__(self) -> None:
+        if (self.generator is None) == (self.builder is None):
+            raise ConfigError("give exactly one of `generator` (embedded corpus) or `builder` "
+                              "(a datasets builder with data_files)")
+        if self.generator is not None and self.documents <= 0:
+            raise ConfigError(f"documents: must be > 0, got {self.documents}")
+        if self.builder is not None and not self.builder.strip():
+            raise ConfigError("builder: is empty; name a datasets builder (json, parquet, text) "
+                              "or a hub dataset (org/name)")
+        if self.generator is not None and self.data_files:
+            raise ConfigError("data_files: are read by a `builder`; a generator makes its own "
+                              "documents (drop data_files, or use builder: json/parquet)")
+        if self.generator is not None and self.prompt_field is not None:
+            raise ConfigError("prompt_field: is for `builder` sources; a generator knows its "
+                              "columns (drop prompt_field)")
+        if self.prompt_field is not None and self.prompt_field == self.text_field:
+            raise ConfigError(f"prompt_field: {self.prompt_field!r} is also the text_field; the "
+                              "prompt and the text must be different columns")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrepareDataConfig:
+    sources: dict[str, SourceSpec] = param(doc="source name -> where its documents come from")
+    seed: int = param(0, "seed of the embedded generators")
+    validation_fraction: float = param(0.01, "share of each source held out for evaluation")
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: is empty; declare at least one source")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(f"validation_fraction: {self.validation_fraction} must be in [0, 0.5)")
+
+
+def check_local_files(spec: SourceSpec, where: str) -> None:
+    """A local data file that is missing fails at validation, before anything runs."""
+    import glob
+    for pattern in spec.data_files:
+        if "://" in pattern:
+            continue  # remote: checked by `datasets` at run time
+        if not glob.glob(pattern):
+            raise ConfigError(f"{where}.data_files: {pattern!r} matches no file; fix the path "
+                              "(relative paths are relative to the directory you run forge from)")
+
+
+class PrepareData(StageKind):
+    name = "prepare_data"
+    Config = PrepareDataConfig
+    parent_fields = ()
+
+    @classmethod
+    def check(cls, config: PrepareDataConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        for name, spec in config.sources.items():
+            if spec.builder is not None:
+                check_local_files(spec, f"stages.{stage}.sources.{name}")
+
+    @classmethod
+    def run(cls, config: PrepareDataConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        return prepare_sources(config, out_dir, ctx)
 
 
 def heldout_indices(rows: int, fraction: float, seed: int, name: str) -> list[int]:

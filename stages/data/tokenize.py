@@ -6,20 +6,23 @@ One entry per document, its tokens followed by the EOD id, written with Megatron
 to ``heldout/<name>`` (output values are path prefixes, relative to the stage dir, without extension).
 
 A source with prompts (a ``prompt`` column) also gets a loss mask beside its tokens,
-``<prefix>.loss_mask.bin/.idx`` (``stages.training.mixture.LOSS_MASK_SUFFIX``): the same documents,
+``<prefix>.loss_mask.bin/.idx`` (``stages.layout.LOSS_MASK_SUFFIX``): the same documents,
 one uint8 per token, 1 where the token is the text's (or its EOD) and 0 where it is the prompt's.
 Prompt and text are encoded separately, so the text's first token starts at the boundary.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-from stages.base import Artifact, RunContext, StageInput, file_digest
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
 from stages.data.tokenizer import EOD, PAD, document_columns, read_columns, source_outputs
-from stages.data_kinds import TokenizeConfig
+from stages.layout import loss_mask_prefix
+from stages.schema import ConfigError, param, setting
 
 
 def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
@@ -28,7 +31,6 @@ def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-    from stages.training.mixture import loss_mask_prefix
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
     columns = document_columns(parquet)
@@ -97,3 +99,34 @@ def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_
                     datasets=datasets_,
                     extra={"vocab_size": vocab_size, "eod_id": eod_id, "pad_id": pad_id,
                            "tokenizer": str(tok_path), "dtype": dtype.__name__})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    data: str = param(doc="the prepare_data stage whose sources are tokenized")
+    tokenizer: str = param(doc="the train_tokenizer stage")
+    workers: int = setting(1, "processes used for tokenization")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+
+
+class Tokenize(StageKind):
+    name = "tokenize"
+    Config = TokenizeConfig
+    parent_fields = ("data", "tokenizer")
+
+    @classmethod
+    def check(cls, config: TokenizeConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        graph.require(config.data, f"stages.{stage}.data", "prepare_data")
+        graph.require(config.tokenizer, f"stages.{stage}.tokenizer", "train_tokenizer")
+
+    @classmethod
+    def tokenizer(cls, config: TokenizeConfig, graph: StageGraph) -> str | None:
+        return config.tokenizer
+
+    @classmethod
+    def run(cls, config: TokenizeConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        return tokenize_sources(config, inputs, out_dir, ctx)

@@ -9,13 +9,14 @@ Training reads the first ``max_documents`` documents of every ``sources/<name>``
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from stages.base import Artifact, RunContext, StageInput, file_digest
-from stages.data_kinds import TrainTokenizerConfig
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.schema import ConfigError, param
 
 EOD = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -109,3 +110,36 @@ def train_tokenizer(config: TrainTokenizerConfig, inputs: dict[str, StageInput],
                                "path": str(data.path(out).resolve()),
                                "digest": file_digest(data.path(out))} for out, n in counts.items()],
                     extra=extra)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainTokenizerConfig:
+    data: str = param(doc="the prepare_data stage to train on")
+    vocab_size: int = param(doc="BPE vocabulary size, special tokens included")
+    max_documents: int = param(20000, "documents sampled per source for training")
+    min_frequency: int = param(2, "BPE merge minimum frequency")
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError(f"vocab_size: {self.vocab_size} is below the 256 bytes + specials of a "
+                              "byte-level BPE; use at least 260")
+        if self.max_documents < 1:
+            raise ConfigError(f"max_documents: must be >= 1 (documents read per source to train "
+                              f"the tokenizer), got {self.max_documents}")
+        if self.min_frequency < 0:
+            raise ConfigError(f"min_frequency: must be >= 0, got {self.min_frequency}")
+
+
+class TrainTokenizer(StageKind):
+    name = "train_tokenizer"
+    Config = TrainTokenizerConfig
+    parent_fields = ("data",)
+
+    @classmethod
+    def check(cls, config: TrainTokenizerConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        graph.require(config.data, f"stages.{stage}.data", "prepare_data")
+
+    @classmethod
+    def run(cls, config: TrainTokenizerConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        return train_tokenizer(config, inputs, out_dir, ctx)

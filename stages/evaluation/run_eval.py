@@ -1,4 +1,4 @@
-"""The work of an `evaluate` stage (what it measures: ``stages/evaluate.py``)."""
+"""The work of an `evaluate` stage (what it measures: ``stages/evaluation/evaluate.py``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from stages.base import Artifact, RunContext, StageInput
-from stages.model_stages import spec_of_artifact
+from stages.specs import spec_of_artifact
 
 HELDOUT_SEED = 1234  # the pretrain phases' default seed: the same held-out samples they report on
 
@@ -18,7 +18,7 @@ HELDOUT_SEED = 1234  # the pretrain phases' default seed: the same held-out samp
 def _load_model(spec, ckpt: Path, device: str):
     from stages.training.checkpoint import load_checkpoint
     from stages.training.model import build_model
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     torch.manual_seed(0)  # every weight is overwritten by the checkpoint
     model = build_model(spec, PrecisionSpec(), device=device)
     load_checkpoint(ckpt, model, None)
@@ -38,7 +38,7 @@ def _logits_fn(model, vocab: int, device: str):
 
 
 def _heldout(model, data: StageInput, config, device: str, out_dir: Path) -> dict[str, float]:
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     from stages.training.step import Env, heldout_losses
     prefixes = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
                 if k.startswith("heldout/")}

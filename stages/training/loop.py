@@ -254,7 +254,7 @@ def save_failure(out_dir: Path, stage: str, step: int, error: Exception) -> str:
 
 def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> Artifact:
     """Train one phase (see the module docstring); every rank calls it, rank 0's artifact counts."""
-    from stages.pretrain import require_fp8_runtime
+    from stages.training.precision import require_fp8_runtime
     t_start = time.time()
     out_dir = Path(out_dir)
     require_fp8_runtime(config.precision, f"stages.{ctx.stage}.precision")  # before any compute

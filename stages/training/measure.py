@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from stages.training.specs import FP8_RECIPES, ModelSpec, ParallelSpec, PrecisionSpec, ScheduleSpec
+from stages.cluster import ParallelSpec
+from stages.specs import FP8_RECIPES, ModelSpec, PrecisionSpec, ScheduleSpec
 
 # Markov chain of the synthetic tokens: each token has len(SUCCESSOR_P) likely successors, and
 # one token in NOISE is uniform. The loss falls smoothly from ln(vocab) towards its floor
@@ -140,7 +141,7 @@ def train(spec: ModelSpec, name: str, env, tokens: torch.Tensor, *, batch: int, 
 
     ``use_te`` defaults to the stage's choice (TE on GPU). ``on_step(step, loss)`` is called after
     every step (progress lines)."""
-    from stages.pretrain import PretrainConfig
+    from stages.training.pretrain import PretrainConfig
     from stages.training.model import build_model, causal_mask
     from stages.training.schedules import lr_at
     from stages.training.step import make_optimizer, train_step

@@ -36,17 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stages.layout import loss_mask_prefix
 from stages.training.cpu_shim import local_process_group
 
 PAD_NONE = -1  # Megatron's "no pad token" id: never equal to a real token
-LOSS_MASK_SUFFIX = ".loss_mask"  # <prefix>.loss_mask.bin/.idx: 1 where a token's prediction counts
-
-
-def loss_mask_prefix(prefix) -> str:
-    """Where the loss mask of the indexed dataset at ``prefix`` lives (it may not exist)."""
-    return str(prefix) + LOSS_MASK_SUFFIX
-
-
 def has_loss_mask(prefix) -> bool:
     return Path(loss_mask_prefix(prefix) + ".idx").exists()
 

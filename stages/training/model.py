@@ -29,7 +29,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from stages.training.specs import ModelSpec, PrecisionSpec
+from stages.specs import ModelSpec, PrecisionSpec
 
 VOCAB_MULTIPLE = 128  # Megatron's make_vocab_size_divisible_by; TP sizes that divide it all work
 

@@ -34,7 +34,7 @@ Kinds:
 """
 from __future__ import annotations
 
-from stages.training.specs import ScheduleSpec
+from stages.specs import ScheduleSpec
 
 
 def _progress(step: int, anchor: int, last: int) -> float:

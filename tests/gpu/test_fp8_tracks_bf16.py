@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.training.specs import FP8_RECIPES, ModelSpec
+from stages.specs import FP8_RECIPES, ModelSpec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

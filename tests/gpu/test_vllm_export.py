@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.training.specs import ModelSpec
+from stages.specs import ModelSpec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -26,7 +26,7 @@ def export(tmp_path: Path) -> Path:
     """A random HF Granite model, through Megatron and back (the path a pipeline export takes)."""
     from transformers import GraniteForCausalLM
 
-    from stages.convert import granite_config, hf_to_megatron, megatron_to_hf
+    from stages.models.convert import granite_config, hf_to_megatron, megatron_to_hf
     torch.manual_seed(0)
     GraniteForCausalLM(granite_config(SPEC)).save_pretrained(str(tmp_path / "src"))
     hf_to_megatron(tmp_path / "src", tmp_path / "ckpt")

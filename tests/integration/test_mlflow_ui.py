@@ -118,7 +118,7 @@ def _chrome():
 def ui_url(built, tmp_path):
     """`forge ui` itself, in the foreground of a child process, stopped as Ctrl-C would."""
     store, _ = built
-    from flows.ui import free_port
+    from flows.tracking.ui import free_port
     log = tmp_path / "forge-ui.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--store", str(store),

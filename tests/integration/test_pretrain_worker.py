@@ -279,7 +279,7 @@ def test_checkpoint_round_trip_restores_weights_and_adamw_state(tmp_path):
     from stages.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
     from stages.training.cpu_shim import apply_cpu_shim, init_cpu_rng_tracker, local_process_group
     from stages.training.model import build_model, causal_mask, token_losses
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     apply_cpu_shim()
     spec, precision = ModelSpec(**MODEL), PrecisionSpec()
     with local_process_group():
@@ -311,7 +311,7 @@ def test_checkpoint_round_trip_restores_weights_and_adamw_state(tmp_path):
 
 def test_transformer_engine_and_fp8_are_refused_with_the_fix_on_cpu(monkeypatch):
     from stages.training import model
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     monkeypatch.setattr(model, "have_transformer_engine", lambda: False)
     with pytest.raises(RuntimeError, match=r"granite-forge\[gpu\]"):
         model.layer_spec(use_te=True)

@@ -34,7 +34,7 @@ def test_parameter_count_equals_a_real_megatron_model(tied):
     import torch
     from stages.training.cpu_shim import megatron_world
     from stages.training.model import build_model
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     spec = ModelSpec(hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2,
                      kv_channels=16, ffn_hidden_size=176, vocab_size=1024, tied_embeddings=tied)
     with megatron_world():
@@ -86,7 +86,7 @@ def test_state_bytes_equal_what_the_training_loop_allocates():
     import torch
     from stages.training.cpu_shim import megatron_world
     from stages.training.model import build_model
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     from stages.training.step import make_optimizer
     spec = ModelSpec(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
                      kv_channels=16, ffn_hidden_size=176, vocab_size=1024)

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from flows import config as config_mod
-from flows.cli import expand_sweeps
+from flows.config import expand_sweeps
 from flows.dag import build
 from flows.plan import make_plan
-from stages.data_kinds import PrepareDataConfig, TokenizeConfig, TrainTokenizerConfig
-from stages.pretrain import PretrainConfig
+from stages.data.prepare import PrepareDataConfig
+from stages.data.tokenize import TokenizeConfig
+from stages.data.tokenizer import TrainTokenizerConfig
+from stages.training.pretrain import PretrainConfig
 from stages.schema import ConfigError, identity_field_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +99,7 @@ def test_published_model_shapes():
     assert (shapes["granite-3b"]["hidden_size"], shapes["granite-3b"]["num_attention_heads"]) == (2560, 40)
     assert shapes["granite-8b"]["ffn_hidden_size"] == 12800
     assert shapes["granite-30b"]["num_layers"] == 64
-    from stages.training.specs import ModelSpec
+    from stages.specs import ModelSpec
     from stages.schema import from_dict
     params = {m: from_dict(ModelSpec, s, "model").num_parameters() for m, s in shapes.items()}
     assert abs(params["granite-8b"] / 8.79e9 - 1) < 0.01
@@ -163,7 +165,9 @@ def test_running_unbuilt_kinds_stops_at_validation_naming_them(tmp_path):
     steps = make_plan(dag_for(store=tmp_path))
     with pytest.raises(ConfigError) as err:
         check_runnable(steps)
-    assert "curate (curate): kind 'curate' not built yet" in str(err.value)
+    assert "curate (curate): kind 'curate' is not built yet" in str(err.value)
+    assert "SFT on curated data is issue 11" in str(err.value)   # names the issue that builds it
+    assert "is issue 12" in str(err.value)
     assert "eval-final (evaluate): parent rl-chat cannot run yet" in str(err.value)  # downstream too
     assert "--only 'data|tokenizer|tokenize|pretrain-1|" in str(err.value)
     assert "|merge-3|eval-merge-3'" in str(err.value)

@@ -1,4 +1,4 @@
-"""Megatron <-> Hugging Face conversion (``stages/convert.py``) on a tiny Granite-shaped model.
+"""Megatron <-> Hugging Face conversion (``stages/models/convert.py``) on a tiny Granite-shaped model.
 
 2 layers x 64, 4 heads / 2 KV groups, head dim 16, SwiGLU 176, vocab 300 (padded to 384 inside
 Megatron, so the padding is exercised), tied embeddings. The Megatron side runs in-process in a
@@ -45,11 +45,11 @@ def make_tokenizer(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A random-init checkpoint, its conversions, and the Megatron logits to compare with."""
-    from stages.convert import hf_to_megatron, megatron_to_hf
+    from stages.models.convert import hf_to_megatron, megatron_to_hf
     from stages.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
     from stages.training.cpu_shim import megatron_world
     from stages.training.model import build_model
-    from stages.training.specs import ModelSpec, PrecisionSpec
+    from stages.specs import ModelSpec, PrecisionSpec
     root = tmp_path_factory.mktemp("convert")
     spec = ModelSpec(**MODEL)
     long_spec = dataclasses.replace(spec, rope_theta=LONG_THETA, max_position_embeddings=LONG_SEQ)
@@ -99,7 +99,7 @@ def test_converted_checkpoint_loads_and_computes_the_same(world):
     from stages.training.checkpoint import load_checkpoint
     from stages.training.cpu_shim import init_cpu_rng_tracker, local_process_group
     from stages.training.model import build_model
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     with local_process_group():
         ps.initialize_model_parallel(tensor_model_parallel_size=1)
         try:
@@ -171,7 +171,7 @@ def random_model(spec, seed: int):
     """A random-init model of ``spec`` (inside a Megatron world), norms random too: they start at
     1.0, and random values make a swapped or dropped norm show in the comparisons."""
     from stages.training.model import build_model
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     torch.manual_seed(seed)
     model = build_model(spec, PrecisionSpec(), device="cpu")
     with torch.no_grad():
@@ -219,8 +219,8 @@ def test_converted_layout_is_megatrons(world):
 
 def test_untied_round_trip(tmp_path):
     """An untied model: output_layer comes back (its padded rows zero), in Megatron's layout."""
-    from stages.convert import hf_to_megatron, megatron_to_hf
-    from stages.training.specs import ModelSpec
+    from stages.models.convert import hf_to_megatron, megatron_to_hf
+    from stages.specs import ModelSpec
     spec = ModelSpec(**{**MODEL, "num_layers": 3, "tied_embeddings": False})
     ckpt = save_random_checkpoint(tmp_path / "megatron", spec)
     assert hf_to_megatron(megatron_to_hf(ckpt, spec, tmp_path / "hf"), tmp_path / "back") == spec
@@ -239,7 +239,7 @@ def test_bf16_sharded_hf_input(world, tmp_path):
     """A bf16 export split over several safetensors files converts to the fp32 of its values."""
     from transformers import AutoModelForCausalLM
 
-    from stages.convert import hf_to_megatron
+    from stages.models.convert import hf_to_megatron
     model = AutoModelForCausalLM.from_pretrained(world["hf"], dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1

@@ -17,7 +17,9 @@ from stages.data import corpus
 from stages.data.prepare import prepare_sources
 from stages.data.tokenize import tokenize_sources
 from stages.data.tokenizer import train_tokenizer
-from stages.data_kinds import GENERATORS, PrepareDataConfig, TokenizeConfig, TrainTokenizerConfig
+from stages.data.prepare import GENERATORS, PrepareDataConfig
+from stages.data.tokenize import TokenizeConfig
+from stages.data.tokenizer import TrainTokenizerConfig
 from stages.schema import ConfigError, from_dict
 
 

@@ -20,7 +20,7 @@ from flows.launch import StageFailed, run_worker, worker_env
 from flows.launchers import (MANIFEST, check_available, job_name, kubernetes_manifest, launch_plan,
                              worker_command)
 from stages.schema import ConfigError, from_dict, to_dict
-from stages.training.specs import ParallelSpec
+from stages.cluster import ParallelSpec
 
 KEY = "0123456789ab"
 WORKER_ENV = [{"name": "OMP_NUM_THREADS", "value": "4"}, {"name": "MKL_NUM_THREADS", "value": "4"},

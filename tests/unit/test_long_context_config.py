@@ -5,10 +5,9 @@ import pytest
 
 from flows import config as config_mod
 from flows.dag import build
-from stages.extend_context import ExtendContextConfig
-from stages.merge import MergeConfig
-from stages.merging import mergekit_config
-from stages.model_stages import context_length_of, model_of
+from stages.training.extend_context import ExtendContextConfig
+from stages.models.merge import MergeConfig
+from stages.models.merge import mergekit_config
 from stages.schema import ConfigError, identity_field_paths
 
 
@@ -65,9 +64,9 @@ def test_bad_long_context_input_is_rejected_before_compute(overrides, message):
 def test_tiny_and_full_recipes_chain_extensions_merges_and_evals():
     for pipeline in ("granite-4.1-tiny", "granite-4.1"):
         dag = dag_for(f"pipeline={pipeline}")
-        configs = {n: node.config for n, node in dag.nodes.items()}
-        lengths = [context_length_of(f"merge-{i}", configs) for i in (1, 2, 3)]
-        thetas = [model_of(f"merge-{i}", configs).rope_theta for i in (1, 2, 3)]
+        configs = dag.graph
+        lengths = [configs.context_length_of(f"merge-{i}") for i in (1, 2, 3)]
+        thetas = [configs.model_of(f"merge-{i}").rope_theta for i in (1, 2, 3)]
         assert lengths == sorted(lengths) and len(set(lengths)) == 3, pipeline
         assert thetas == sorted(thetas) and len(set(thetas)) == 3, pipeline
         for i in (1, 2, 3):  # evaluated before and after each extension and each merge

@@ -16,11 +16,13 @@ from stages.data import corpus
 from stages.data.prepare import prepare_sources
 from stages.data.tokenize import tokenize_sources
 from stages.data.tokenizer import train_tokenizer
-from stages.data_kinds import PrepareDataConfig, SourceSpec, TokenizeConfig, TrainTokenizerConfig
-from stages.pretrain import PretrainConfig
+from stages.data.prepare import PrepareDataConfig, SourceSpec
+from stages.data.tokenize import TokenizeConfig
+from stages.data.tokenizer import TrainTokenizerConfig
+from stages.training.pretrain import PretrainConfig
 from stages.schema import ConfigError, from_dict
-from stages.training.mixture import (batch, build_blended_dataset, build_heldout_dataset,
-                                     loss_mask_prefix, write_indexed_dataset)
+from stages.layout import loss_mask_prefix
+from stages.training.mixture import (batch, build_blended_dataset, build_heldout_dataset, write_indexed_dataset)
 
 
 def ctx(stage):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flows import runner
-from flows.loss_plot import LOSS_PLOT, draw_loss, read_curves, running_mean, x_values
+from flows.tracking.loss_plot import LOSS_PLOT, draw_loss, read_curves, running_mean, x_values
 
 # steps per phase as written by the workers below; extend-3 never ran
 STEPS = {"pretrain-1": 30, "pretrain-2": 12, "pretrain-3": 12, "pretrain-4": 6,
@@ -87,7 +87,7 @@ def test_without_token_counts_phases_are_laid_end_to_end_in_steps(store):
 def test_parent_run_gets_the_plot_and_a_failing_mlflow_only_warns(store, tmp_path):
     from mlflow import MlflowClient
 
-    from flows.lineage import Lineage
+    from flows.tracking.lineage import Lineage
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     lineage = Lineage(uri, "t")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from stages.base import Artifact, RunContext, StageInput
-from stages.merge import MergeConfig
+from stages.models.merge import MergeConfig
 from stages.schema import to_dict
-from stages.training.specs import ModelSpec
+from stages.specs import ModelSpec
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="the CPU shim must not be applied on a GPU machine")
@@ -28,7 +28,7 @@ def make_parent(root: Path, name: str, seed: int, seq: int, theta: float) -> Sta
     """A model stage's output: a Megatron checkpoint (random weights) and its artifact."""
     from transformers import GraniteForCausalLM
 
-    from stages.convert import granite_config, hf_to_megatron
+    from stages.models.convert import granite_config, hf_to_megatron
     spec = dataclasses.replace(SPEC, max_position_embeddings=seq, rope_theta=theta)
     torch.manual_seed(seed)
     hf = root / f"{name}-hf"
@@ -54,7 +54,7 @@ def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def merge(config: MergeConfig, parents: dict, out: Path) -> Artifact:
-    from stages.merging import merge_models
+    from stages.models.merge import merge_models
     out.mkdir()
     return merge_models(config, parents, out, RunContext(stage="m", key="k-m", cluster=None))
 
@@ -103,11 +103,11 @@ def test_merged_model_loads_in_transformers_with_the_megatron_logits(parents, tm
     """Both formats of the merge hold the same model, at the longer context and raised theta."""
     from transformers import AutoModelForCausalLM
 
-    from stages.convert import spec_from_hf_config
+    from stages.models.convert import spec_from_hf_config
     from stages.training.checkpoint import load_checkpoint
     from stages.training.cpu_shim import megatron_world
     from stages.training.model import build_model, causal_mask
-    from stages.training.specs import PrecisionSpec
+    from stages.specs import PrecisionSpec
     art = merge(MergeConfig(from_=("short", "long")), parents, tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m" / "hf"), dtype=torch.float32).eval()
     spec = spec_from_hf_config(hf.config.to_dict())

@@ -1,9 +1,9 @@
 """The registry's edges that need no pipeline: where artifacts go, and MLflow being unreachable."""
 from __future__ import annotations
 
-from flows.lineage import artifact_root
-from flows.registry import model_name, register
-from flows.ui import free_port
+from flows.tracking.lineage import artifact_root
+from flows.tracking.registry import model_name, register
+from flows.tracking.ui import free_port
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(tmp_path):

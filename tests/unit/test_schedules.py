@@ -6,7 +6,7 @@ import math
 import pytest
 
 from stages.training.schedules import decay_steps, lr_at, power_lr
-from stages.training.specs import ScheduleSpec
+from stages.specs import ScheduleSpec
 
 
 def curve(spec: ScheduleSpec, total: int, tokens_per_step: int = 0, tokens_before: int = 0):

@@ -20,8 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from stages.base import Artifact, RunContext, StageInput, StageKind
-from stages.model_stages import require_model_stage
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.schema import ConfigError, param, setting
 
 
@@ -56,16 +55,13 @@ class Evaluate(StageKind):
     parent_fields = ("from_", "data")
 
     @classmethod
-    def check(cls, config: EvaluateConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
-        from stages.data_kinds import TokenizeConfig
-        from stages.model_stages import tokenizer_of
-        require_model_stage(config.from_, configs, f"stages.{stage}.from")
-        if not isinstance(configs[config.data], TokenizeConfig):
-            raise ConfigError(f"stages.{stage}.data: {config.data!r} is not a tokenize stage")
-        if configs[config.data].tokenizer != tokenizer_of(config.from_, configs):
+    def check(cls, config: EvaluateConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        graph.require_model(config.from_, f"stages.{stage}.from")
+        data = graph.require(config.data, f"stages.{stage}.data", "tokenize")
+        if data.tokenizer != graph.tokenizer_of(config.from_):
             raise ConfigError(f"stages.{stage}.data: {config.data!r} uses tokenizer "
-                              f"{configs[config.data].tokenizer!r}, but {config.from_!r} was trained "
-                              f"with {tokenizer_of(config.from_, configs)!r}")
+                              f"{data.tokenizer!r}, but {config.from_!r} was trained "
+                              f"with {graph.tokenizer_of(config.from_)!r}")
 
     @classmethod
     def run(cls, config: EvaluateConfig, inputs: dict[str, StageInput], out_dir: Path,

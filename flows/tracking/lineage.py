@@ -6,8 +6,8 @@ git commit as tags, its training curve as metrics, every data source it read as 
 output, by reference (URI + manifest; weights are never uploaded). A stage served from cache is
 recorded on the parent run with a link to the run that produced it. Everything is read from the
 stage's output dir (artifact.json, metrics.jsonl), so MLflow is a view, not the truth.
-A model stage's LoggedModel is also registered as a model version (flows/registry.py). A sqlite
-store keeps its artifacts in ``<store>/mlartifacts``, which `forge ui` (flows/ui.py) serves.
+A model stage's LoggedModel is also registered as a model version (flows/tracking/registry.py). A sqlite
+store keeps its artifacts in ``<store>/mlartifacts``, which `forge ui` (flows/tracking/ui.py) serves.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from flows.tracking.registry import register
+from flows.tracking.tags import TAG_CONFIG_DIGEST, TAG_KEY, TAG_KIND, TAG_PIPELINE, TAG_STAGE
 from stages.base import Artifact
 
-TAG_KEY, TAG_STAGE, TAG_KIND, TAG_PIPELINE = "forge.key", "forge.stage", "forge.kind", "forge.pipeline"
-TAG_CONFIG_DIGEST = "forge.config_digest"
-MODEL_KINDS = {"pretrain", "extend_context", "merge", "sft", "rl"}
+__all__ = ["Lineage", "MetricsTail", "TAG_KEY", "lineage_for"]
+
 ARTIFACTS = "mlartifacts"   # <store>/mlartifacts, beside <store>/mlflow.db
 
 
@@ -108,7 +109,7 @@ class Lineage:
         """One plot of the training loss across all phases on the pipeline's run; None if no
         training stage has metrics yet. Never raises: the curves stay in each metrics.jsonl, and a
         picture that could not be drawn or sent must not fail a pipeline that trained."""
-        from flows.loss_plot import LOSS_PLOT, draw_loss, read_curves
+        from flows.tracking.loss_plot import LOSS_PLOT, draw_loss, read_curves
         try:
             curves = read_curves(nodes)
             if not curves:
@@ -134,11 +135,10 @@ class Lineage:
 
     def record_cached(self, parent_run: str, stage: str, key: str) -> str | None:
         run_id, model_id = self.producer(key)
-        if run_id is None:   # recorded at the end of this run, from disk (flows/lineage_sync.py)
+        if run_id is None:   # recorded at the end of this run, from disk (flows/tracking/sync.py)
             return None
         self.client.set_tag(parent_run, f"forge.cached.{stage}", run_id)
         if run_id and model_id:  # made before the registry existed: registered now, once
-            from flows.registry import register
             register(self.client, self.uri, run_id, model_id)
         return run_id
 
@@ -174,7 +174,7 @@ class Lineage:
                                          digest=str(d["digest"])[:36], source_type="local",
                                          source=json.dumps({"uri": Path(d["path"]).as_uri()})),
                                  [InputTag("mlflow.data.context", d.get("split", "train"))])
-                    for d in self._input_datasets(node, artifact, upstream)]
+                    for d in node.kind_cls.datasets_read(node.config, artifact, upstream)]
         models = []
         for p, pkey in parent_keys.items():
             _, model_id = self.producer(pkey)
@@ -183,7 +183,7 @@ class Lineage:
         if datasets or models:
             self.client.log_inputs(rid, datasets=datasets or None, models=models or None)
 
-        if node.kind in MODEL_KINDS and "checkpoint" in artifact.outputs:
+        if node.kind_cls.makes_model and "checkpoint" in artifact.outputs:
             ckpt = node.out_dir / artifact.outputs["checkpoint"]
             model = self.client.create_logged_model(
                 self.experiment_id, name=node.name, source_run_id=rid, model_type="megatron-dist-checkpoint",
@@ -192,7 +192,6 @@ class Lineage:
             self.client.log_model_artifact(model.model_id, str(self._manifest(node, ckpt, artifact)))
             self.client.finalize_logged_model(model.model_id, "READY")
             self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
-            from flows.registry import register
             register(self.client, self.uri, rid, model.model_id)  # never raises
         for rel in artifact.outputs.values():  # plots people would rather look at than read
             if rel.endswith(".png") and (node.out_dir / rel).exists():
@@ -205,21 +204,6 @@ class Lineage:
         now = int(time.time() * 1000)
         self.client.log_batch(rid, metrics=[Metric(k.replace("/", "."), float(v), now, 0)
                                             for k, v in final.items()])
-
-    @staticmethod
-    def _input_datasets(node: Any, artifact: Artifact, upstream: dict[str, Artifact]) -> list[dict]:
-        """What the stage read: a source stage its own sources; a training stage the token files
-        of its mixture; any other stage its parents' datasets."""
-        if not upstream:
-            return [dict(d, stage=node.name) for d in artifact.datasets]
-        if node.kind in MODEL_KINDS:
-            mixture = getattr(node.config, "mixture", None) or {}
-            data_parent = getattr(node.config, "data", None)
-            if data_parent not in upstream:
-                return []
-            return [dict(d, stage=data_parent) for d in upstream[data_parent].datasets
-                    if d["name"] in mixture and d.get("split", "train") == "train"]
-        return [dict(d, stage=p) for p, art in upstream.items() for d in art.datasets]
 
     @staticmethod
     def _manifest(node: Any, ckpt: Path, artifact: Artifact) -> Path:
@@ -263,7 +247,7 @@ class MetricsTail:
 
     def poll(self, raise_errors: bool = False) -> None:
         """Send the lines not sent yet. If MLflow fails, they stay unsent and the next poll (or
-        the end-of-run sync, flows/lineage_sync.py) sends them: nothing is dropped."""
+        the end-of-run sync, flows/tracking/sync.py) sends them: nothing is dropped."""
         try:
             self._send()
             self.failing = False

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from flows.lineage import ARTIFACTS, artifact_root
+from flows.tracking.lineage import ARTIFACTS, artifact_root
 
 DEFAULT_PORT = 5000  # MLflow's own default
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from flows.lineage import Lineage, MetricsTail, TAG_KEY, lineage_for
-from flows.plan import STAGE_RECORD, complete
+from flows.tracking.lineage import Lineage, MetricsTail, TAG_KEY, lineage_for
+from flows.plan import complete
 from stages.base import read_artifact
+from stages.layout import STAGE_RECORD
 
 Warn = Callable[[str], None]
 

@@ -12,10 +12,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.base import Artifact, RunContext, StageInput, StageKind
-from stages.schema import ConfigError, param, setting
-from stages.training.specs import (LAYOUT_FIELDS, ModelSpec, PrecisionSpec, ScheduleSpec,
-                                   stage_cluster)
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
+from stages.cluster import LAYOUT_FIELDS, stage_cluster
+from stages.layout import newest_checkpoint
+from stages.schema import ConfigError, identity_dict, param, setting
+from stages.specs import ModelSpec, PrecisionSpec, ScheduleSpec, shape_differences
+from stages.training.precision import check_precision, require_fp8_runtime
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,33 +113,28 @@ class Pretrain(StageKind):
     Config = PretrainConfig
     parent_fields = ("from_", "data")
     launcher = "torchrun"
+    makes_model = True
 
     @classmethod
-    def check(cls, config: PretrainConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
-        from stages.data_kinds import TokenizeConfig
-        tok = configs[config.data]
-        if not isinstance(tok, TokenizeConfig):
-            raise ConfigError(f"stages.{stage}.data: {config.data!r} is not a tokenize stage")
-        known = sorted(configs[tok.data].sources)
+    def check(cls, config: PretrainConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        tok = graph.require(config.data, f"stages.{stage}.data", "tokenize")
+        known = sorted(graph[tok.data].sources)
         for field, sources in (("mixture", config.mixture), ("loss_weights", config.loss_weights)):
             for src in sources:
                 if src not in known:
                     raise ConfigError(f"stages.{stage}.{field}.{src}: no such source in stage "
                                       f"{tok.data!r}; known sources: {', '.join(known)}")
         if config.from_ is not None:
-            parent = configs[config.from_]
-            if not isinstance(parent, PretrainConfig):
-                raise ConfigError(f"stages.{stage}.from: {config.from_!r} is not a pretrain stage")
-            if identity(parent.model) != identity(config.model):
-                from stages.model_stages import shape_differences
+            parent = graph.require(config.from_, f"stages.{stage}.from", "pretrain")
+            if identity_dict(parent.model) != identity_dict(config.model):
                 diff = "; ".join(shape_differences(config.model, parent.model)) or "rope/positions"
                 raise ConfigError(f"stages.{stage}.model: differs from the model of parent "
                                   f"{config.from_!r} ({diff}); a phase continues the same model shape")
-        vocab = configs[tok.tokenizer].vocab_size
+        vocab = graph[tok.tokenizer].vocab_size
         if vocab > config.model.vocab_size:
             raise ConfigError(f"stages.{stage}.model.vocab_size: {config.model.vocab_size} is smaller "
                               f"than stage {tok.tokenizer!r}'s vocab_size ({vocab}); raise it")
-        layout = stage_cluster(cluster, config.parallel)
+        layout = cls.layout(config, cluster)
         layout.check_model(config.model, f"stages.{stage}.model")
         layout.check_context(config.seq_length, f"stages.{stage}")
         gbs, dp = config.global_batch_size, layout.data_parallel
@@ -152,46 +149,52 @@ class Pretrain(StageKind):
 
     @classmethod
     def blocked(cls, config: PretrainConfig, cluster: Any) -> str:
-        return stage_cluster(cluster, config.parallel).not_built()
+        return cls.layout(config, cluster).not_built()
 
     @classmethod
     def tokens(cls, config: PretrainConfig) -> int:
         return config.tokens
 
     @classmethod
+    def layout(cls, config: PretrainConfig, cluster: Any) -> Any:
+        return stage_cluster(cluster, config.parallel)
+
+    @classmethod
+    def compute_plan(cls, stage: str, config: PretrainConfig, cluster: Any) -> Any:
+        from stages.training.compute import plan_training_stage
+        return plan_training_stage(stage, config, cls.layout(config, cluster))
+
+    @classmethod
+    def preflight(cls, config: PretrainConfig, where: str) -> None:
+        require_fp8_runtime(config.precision, f"{where}.precision")
+
+    @classmethod
+    def resume_point(cls, out_dir: Path) -> Path | None:
+        return newest_checkpoint(out_dir)
+
+    @classmethod
+    def trained_model(cls, config: PretrainConfig) -> ModelSpec:
+        return config.run_model
+
+    @classmethod
+    def context_length(cls, config: PretrainConfig) -> int:
+        return config.seq_length
+
+    @classmethod
+    def tokenizer(cls, config: PretrainConfig, graph: StageGraph) -> str | None:
+        return graph.tokenizer_of(config.data)
+
+    @classmethod
+    def datasets_read(cls, config: PretrainConfig, artifact: Artifact,
+                      upstream: dict[str, Artifact]) -> list[dict]:
+        """The token files of the sources its mixture blends (train split)."""
+        data = upstream.get(config.data)
+        return [] if data is None else [
+            dict(d, stage=config.data) for d in data.datasets
+            if d["name"] in config.mixture and d.get("split", "train") == "train"]
+
+    @classmethod
     def run(cls, config: PretrainConfig, inputs: dict[str, StageInput], out_dir: Path,
             ctx: RunContext) -> Artifact:
         from stages.training.loop import train_phase  # heavy: torch + megatron
         return train_phase(config, inputs, out_dir, ctx)
-
-
-def identity(obj: Any) -> Any:
-    from stages.schema import identity_dict
-    return identity_dict(obj)
-
-
-def check_precision(precision: PrecisionSpec, cluster: Any, where: str) -> None:
-    """Static check (also valid when planning a GPU cluster from a laptop)."""
-    if precision.dtype == "bf16" and cluster.device == "cpu":
-        # Megatron's linear backward re-enters only CUDA autocast: bf16 on CPU fails mid-step
-        raise ConfigError(f"{where}.dtype: bf16 does not train on CPU (Megatron-core's backward "
-                          f"restores only CUDA autocast); set {where}.dtype=fp32 here, bf16 on GPUs")
-    if precision.fp8 != "none" and cluster.device != "cuda":
-        raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) needs a GPU with Transformer Engine, but "
-                          f"cluster.device is {cluster.device!r}; set {where}.fp8=none or use a GPU "
-                          "cluster config (cluster=gpu-node)")
-
-
-def require_fp8_runtime(precision: PrecisionSpec, where: str) -> None:
-    """Before a run: FP8 needs a visible GPU and an importable Transformer Engine."""
-    if precision.fp8 == "none":
-        return
-    import torch
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{where}.fp8: FP8 ({precision.fp8}) asked for, but no GPU is visible on this "
-                          f"machine; set {where}.fp8=none or run on a GPU node")
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception as e:  # ImportError, or OSError from missing CUDA libraries
-        raise ConfigError(f"{where}.fp8: Transformer Engine cannot be imported ({e}); install the "
-                          "GPU extra (pip install 'granite-forge[gpu]') or set fp8=none") from e

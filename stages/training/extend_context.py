@@ -22,11 +22,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from stages.model_stages import (context_length_of, model_of, require_model_stage, shape_differences,
-                                 with_context)
-from stages.pretrain import Pretrain, PretrainConfig
+from stages.base import StageGraph
 from stages.schema import ConfigError, param
-from stages.training.specs import ModelSpec
+from stages.specs import ModelSpec, shape_differences, with_context
+from stages.training.pretrain import Pretrain, PretrainConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,20 +51,20 @@ class ExtendContext(Pretrain):
     Config = ExtendContextConfig
 
     @classmethod
-    def check(cls, config: ExtendContextConfig, stage: str, configs: dict[str, Any], cluster: Any) -> None:
-        require_model_stage(config.from_, configs, f"stages.{stage}.from")
-        diff = shape_differences(config.model, model_of(config.from_, configs))
+    def check(cls, config: ExtendContextConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
+        graph.require_model(config.from_, f"stages.{stage}.from")
+        diff = shape_differences(config.model, graph.model_of(config.from_))
         if diff:
             raise ConfigError(f"stages.{stage}.model: differs from the model of parent {config.from_!r} "
                               f"({'; '.join(diff)}); an extension keeps the model's shape")
-        parent_len = context_length_of(config.from_, configs)
+        parent_len = graph.context_length_of(config.from_)
         if config.seq_length <= parent_len:
             raise ConfigError(f"stages.{stage}.seq_length: {config.seq_length} is not longer than "
                               f"the context of parent {config.from_!r} ({parent_len}); an extension "
                               "step must raise the length")
-        parent_theta = model_of(config.from_, configs).rope_theta
+        parent_theta = graph.model_of(config.from_).rope_theta
         if config.rope_theta < parent_theta:
             raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below the theta "
                               f"of parent {config.from_!r} ({parent_theta:g}); raise it (or keep it) "
                               "for a longer context")
-        super().check(dataclasses.replace(config, from_=None), stage, configs, cluster)
+        super().check(dataclasses.replace(config, from_=None), stage, graph, cluster)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from flows.lineage import TAG_CONFIG_DIGEST, TAG_KEY, TAG_KIND, TAG_PIPELINE, TAG_STAGE
+from flows.tracking.tags import TAG_CONFIG_DIGEST, TAG_KEY, TAG_KIND, TAG_PIPELINE, TAG_STAGE
 
 TAG_MODEL_VERSIONS = "mlflow.modelVersions"  # read by the UI's logged-model page
 
@@ -109,34 +109,3 @@ def promote(client: Any, pipeline: str, stage: str, key: str, alias: str) -> Any
                             f"'{stage}'")
     client.set_registered_model_alias(version.name, alias, version.version)
     return version
-
-
-def promote_stage(overrides: list[str], stage: str, alias: str) -> int:
-    """`forge promote STAGE --alias A OVERRIDES`: the stage's key comes from the same config as
-    the run's, so the alias lands on the version that config produced."""
-    import sys
-
-    from mlflow.exceptions import MlflowException
-
-    from flows.config import load
-    from flows.dag import build
-    from flows.lineage import MODEL_KINDS, lineage_for
-    dag = build(load(overrides))
-    node = dag.nodes.get(stage)
-    models = [n for n, nd in dag.nodes.items() if nd.kind in MODEL_KINDS]
-    if node is None or node.kind not in MODEL_KINDS:
-        why = "no such stage" if node is None else f"a {node.kind} stage makes no model"
-        print(f"forge: promote {stage}: {why}; model stages: {', '.join(models)}", file=sys.stderr)
-        return 2
-    client = lineage_for(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment).client
-    try:
-        v = promote(client, dag.pipeline.name, stage, node.key, alias)
-    except NotRegistered as e:
-        print(f"forge: {e}", file=sys.stderr)
-        return 1
-    except MlflowException as e:  # e.g. an alias MLflow reserves (latest, v3)
-        print(f"forge: promote {stage} --alias {alias}: {e.message}", file=sys.stderr)
-        return 1
-    print(f"{v.name} version {v.version} (stage {stage}, key {node.key[:12]}, run {v.run_id}) "
-          f"is now @{alias}\n  load it as models:/{v.name}@{alias}")
-    return 0

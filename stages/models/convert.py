@@ -50,15 +50,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from stages.convert_io import (
-    Part,
-    SafetensorsReader,
-    SliceReader,
-    write_safetensors,
-    write_torch_dist,
-)
+from stages.models.convert_io import (Part, SafetensorsReader, SliceReader, write_safetensors, write_torch_dist)
 from stages.training.model import padded_vocab_size
-from stages.training.specs import ModelSpec
+from stages.specs import ModelSpec
 
 EOD, PAD = "<|endoftext|>", "<|pad|>"
 LAYERS = "decoder.layers."  # prefix of the stacked per-layer tensors in a torch_dist checkpoint

@@ -1,4 +1,4 @@
-"""File formats of ``stages/convert.py``, read and written a tensor at a time, no process group.
+"""File formats of ``stages/models/convert.py``, read and written a tensor at a time, no process group.
 
 - ``SliceReader``: (layer slices of) tensors of a ``torch_dist`` checkpoint, through
   ``torch.distributed.checkpoint`` in ``no_dist`` mode;

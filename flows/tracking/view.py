@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from flows.dag import Dag
-from flows.lineage import TAG_KEY, lineage_for
+from flows.tracking.lineage import TAG_KEY, lineage_for
 
 
 def print_lineage(dag: Dag, stage: str) -> int:

@@ -1,0 +1,63 @@
+"""What lies where in a stage's output dir: one definition, read by the worker and the orchestrator.
+
+``<store>/<stage>-<key[:12]>/`` holds
+
+- ``artifact.json``  the only proof that the stage is complete (written last, atomically);
+- ``stage.json``     kind, key, identity and resolved config, written when an attempt starts;
+- ``spec.json``      the resolved spec the worker reads; ``worker.log`` its output;
+- ``metrics.jsonl``  one line per logged step (on disk before it reaches MLflow);
+- ``failure.json``   the last attempt failed (exit code, log tail);
+- ``checkpoints/iter_XXXXXXX/`` complete checkpoints once their ``done`` manifest is written;
+  ``checkpoints/.tmp-iter_XXXXXXX`` a save in progress; ``checkpoints/rejected-iter_XXXXXXX-<time>``
+  a checkpoint that failed its checksums, kept aside for a person to look at (never resumed from).
+
+No torch here: ``forge plan``/``status``/``runs`` read it without importing a training stack.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACT_FILE = "artifact.json"
+STAGE_RECORD = "stage.json"
+SPEC_FILE = "spec.json"
+WORKER_LOG = "worker.log"
+METRICS_FILE = "metrics.jsonl"
+FAILURE_FILE = "failure.json"
+CHECKPOINTS = "checkpoints"
+DONE = "done"            # JSON manifest; its presence (and validity) marks a complete checkpoint
+STATE = "state.json"     # a checkpoint's train state
+ITER = "iter_"
+TMP = ".tmp-"
+REJECTED = "rejected-"
+# A tokenized source with prompts: <prefix>.loss_mask.bin/.idx beside <prefix>.bin/.idx, one uint8
+# per token, 1 where the token's prediction counts (written by tokenize, read by training).
+LOSS_MASK_SUFFIX = ".loss_mask"
+
+
+def iter_name(step: int) -> str:
+    return f"{ITER}{step:07d}"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """The ``iter_*`` directories of a stage, oldest first: saves in progress and rejected
+    checkpoints are not among them."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(ITER))
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint with a ``done`` manifest (no checksums: the worker verifies them
+    before it resumes, and moves a damaged one aside)."""
+    done = [p for p in checkpoint_dirs(out_dir) if (p / DONE).is_file()]
+    return done[-1] if done else None
+
+
+def rejected_name(checkpoint: Path, when: int) -> str:
+    return f"{REJECTED}{Path(checkpoint).name}-{when}"
+
+
+def loss_mask_prefix(prefix) -> str:
+    """Where the loss mask of the indexed dataset at ``prefix`` lives (it may not exist)."""
+    return str(prefix) + LOSS_MASK_SUFFIX

@@ -1,0 +1,110 @@
+"""Schemas shared by the model-making stage kinds (no torch import here).
+
+``ModelSpec`` is a Granite-shaped dense decoder (GQA, RoPE, SwiGLU, RMSNorm, tied embeddings);
+``ScheduleSpec`` names one of the LR schedules of the recipe; ``PrecisionSpec`` chooses bf16/fp32
+or an FP8 recipe (GPU only). The cluster and its launchers are ``stages/cluster.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from stages.schema import ConfigError, param, setting
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str = setting("custom", "preset name, for display only")
+    hidden_size: int = param(doc="model width")
+    num_layers: int = param(doc="transformer blocks")
+    num_attention_heads: int = param(doc="query heads")
+    num_query_groups: int = param(doc="KV heads (GQA groups)")
+    kv_channels: int = param(doc="head dimension")
+    ffn_hidden_size: int = param(doc="SwiGLU inner width")
+    vocab_size: int = param(doc="tokenizer vocabulary (padded for TP inside the model)")
+    max_position_embeddings: int = param(4096, "longest sequence the model is built for")
+    rope_theta: float = param(10000.0, "RoPE base")
+    layernorm_epsilon: float = param(1e-5, "RMSNorm epsilon")
+    tied_embeddings: bool = param(True, "share input and output embeddings")
+    init_std: float = param(0.02, "weight init std")
+    # Granite's scaling multipliers; 1.0 each means a plain decoder (what Megatron computes).
+    embedding_multiplier: float = param(1.0, "Granite embedding multiplier")
+    residual_multiplier: float = param(1.0, "Granite residual multiplier")
+    logits_scaling: float = param(1.0, "Granite logits scaling")
+
+    def __post_init__(self) -> None:
+        for f in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{f}: must be positive, got {getattr(self, f)}")
+        for f in ("rope_theta", "layernorm_epsilon", "init_std"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"{f}: must be > 0, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_query_groups: {self.num_query_groups} does not divide "
+                f"num_attention_heads={self.num_attention_heads}; pick a divisor")
+        if (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0):
+            raise ConfigError("embedding_multiplier: only 1.0 "
+                              "is supported by the Megatron-core model (a plain decoder); set them to 1.0")
+
+    def num_parameters(self) -> int:
+        """Parameter count (tied embeddings counted once, norms included)."""
+        from stages.training.compute import Shape
+        return Shape.of(self).params()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScheduleSpec:
+    """LR schedule of one phase. ``step`` counts optimizer steps inside the phase."""
+    kind: Literal["power", "wsd", "exponential", "linear", "constant"] = param(doc="schedule")
+    lr: float = param(doc="peak learning rate")
+    min_lr: float = param(0.0, "floor (wsd/exponential)")
+    warmup_steps: int = param(0, "linear warm-up steps from 0")
+    # Power scheduler (IBM, Shen et al. 2024): lr = min(lr, a * tokens^b), tokens counted over all phases.
+    power_a: float = param(4.0, "power: coefficient a")
+    power_b: float = param(-0.51, "power: exponent b")
+    decay_fraction: float = param(0.0, "power/wsd: final fraction of steps that decays to min_lr")
+    gamma: float = param(0.1, "exponential: lr ends at lr * gamma")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
+
+
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionSpec:
+    dtype: Literal["fp32", "bf16"] = param("fp32", "parameter/compute dtype")
+    fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = param(
+        "none", "FP8 recipe through Transformer Engine (GPU only)")
+
+
+# Fields a context extension changes; every other field of two merged models must agree.
+CONTEXT_FIELDS = ("rope_theta", "max_position_embeddings")
+
+
+def shape_differences(a: ModelSpec, b: ModelSpec) -> list[str]:
+    """Identity fields (other than theta and max positions) on which two specs differ."""
+    from stages.schema import identity_dict
+    da, db = identity_dict(a), identity_dict(b)
+    return [f"{k}: {da[k]} vs {db.get(k)}" for k in da
+            if k not in CONTEXT_FIELDS and da[k] != db.get(k)]
+
+
+def with_context(spec: ModelSpec, seq_length: int, rope_theta: float) -> ModelSpec:
+    return dataclasses.replace(spec, max_position_embeddings=seq_length, rope_theta=rope_theta)
+
+
+def spec_of_artifact(inp) -> ModelSpec:
+    """The ``ModelSpec`` a finished model stage recorded in its artifact (``extra.model``)."""
+    from stages.schema import from_dict
+    return from_dict(ModelSpec, inp.artifact.extra["model"], f"stage {inp.name}: artifact.extra.model")
