@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from stages import KINDS
-from stages.schema import ConfigError, from_dict, setting
+from stages.schema import ConfigError, configclass, from_dict, setting
 from stages.cluster import ParallelSpec
 from stages.specs import ModelSpec
 
 CONF_DIR = Path(os.environ.get("FORGE_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class TrackingSpec:
     uri: str = setting("", "MLflow tracking URI; empty = sqlite:///<store>/mlflow.db")
     experiment: str = setting("granite-forge", "MLflow experiment name")
@@ -36,18 +36,12 @@ TOP_LEVEL = {"pipeline_name", "store", "cluster", "tracking", "stages", "model",
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class RetrySpec:
     """How often the orchestrator re-launches a failed stage worker (per stage: `retry:`). A
     training stage resumes from its newest checkpoint, so a retry loses at most one interval."""
-    retries: int = setting(0, "re-launches after a failed attempt (0: fail at once)")
-    delay_s: float = setting(10.0, "seconds between attempts")
-
-    def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ConfigError(f"retries: must be >= 0, got {self.retries}")
-        if self.delay_s < 0:
-            raise ConfigError(f"delay_s: must be >= 0, got {self.delay_s}")
+    retries: int = setting(0, "re-launches after a failed attempt (0: fail at once)", ge=0)
+    delay_s: float = setting(10.0, "seconds between attempts", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,22 +18,35 @@ from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from flows.config import typed
-from flows.dag import Dag, Node, build
+from flows.dag import Dag, Node
 from flows.failures import clear_failure, write_failure
 from flows.launch import StageFailed, run_worker, stage_lock
 from flows.tracking.lineage import MetricsTail
 from flows.tracking.sync import connect, guarded, sync_pipeline
 from flows.plan import Step, complete, make_plan, write_stage_record
+from flows.runs import run_dag
 from stages.base import read_artifact
 from stages.layout import ARTIFACT_FILE
 from stages.schema import to_dict
 
 
+# run file -> (its spec, DAG, plan): a run builds its DAG and plan once, for the flow and every task
+_RUNS: dict[str, tuple[dict, Dag, list[Step]]] = {}
+
+
+def remember_run(run_file: str, spec: dict, dag: Dag, steps: list[Step]) -> None:
+    """What `forge run` already built and planned, so the flow does not do it again."""
+    _RUNS[str(run_file)] = (spec, dag, steps)
+
+
 def load_run(run_file: str) -> tuple[dict, Dag, list[Step]]:
-    spec = json.loads(Path(run_file).read_text())
-    dag = build(typed(spec["resolved"], tuple(spec["overrides"])))
-    return spec, dag, make_plan(dag, spec.get("only"), tuple(spec.get("rerun", ())))
+    """The run's spec, DAG and plan; built from the run file only when this process has not
+    (a deployment's flow run). Tasks take the DAG from here and never re-plan."""
+    if str(run_file) not in _RUNS:
+        spec = json.loads(Path(run_file).read_text())
+        dag = run_dag(Path(run_file), spec)
+        remember_run(run_file, spec, dag, make_plan(dag, spec.get("only"), tuple(spec.get("rerun", ()))))
+    return _RUNS[str(run_file)]
 
 
 def create_prefect_db() -> None:
@@ -54,7 +67,7 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
               force: bool) -> dict:
     """Run one stage's worker unless its artifact already exists; return a small record."""
     logger = get_run_logger()
-    spec, dag, _ = load_run(run_file)
+    _, dag, _ = load_run(run_file)
     node = dag.nodes[stage]
     store = dag.pipeline.store
     attempt = TaskRunContext.get().task_run.run_count   # > 1: a retry of a failed attempt

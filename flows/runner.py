@@ -112,14 +112,16 @@ def init_stores(prep: Prepared) -> None:
         connect(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment, print)
 
 
-def write_run_file(prep: Prepared) -> Path:
+def write_run_file(prep: Prepared) -> tuple[Path, dict]:
     runs = prep.dag.pipeline.store / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    path.write_text(json.dumps({"overrides": list(prep.overrides), "only": prep.only,
-                                "rerun": list(prep.rerun), "resumes": prep.resumes,
-                                "resolved": prep.dag.pipeline.resolved}, indent=2, default=str))
-    return path
+    # the store as an absolute path: `forge resume` from another directory finds the same outputs
+    resolved = dict(prep.dag.pipeline.resolved, store=str(prep.dag.pipeline.store))
+    spec = {"overrides": list(prep.overrides), "only": prep.only, "rerun": list(prep.rerun),
+            "resumes": prep.resumes, "resolved": resolved}
+    path.write_text(json.dumps(spec, indent=2, default=str))
+    return path, spec
 
 
 def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
@@ -131,11 +133,12 @@ def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
     store = prep.dag.pipeline.store
     configure_services(store)
     init_stores(prep)
-    run_file = write_run_file(prep)
+    run_file, spec = write_run_file(prep)
     say(f"run id {run_file.stem}  (forge runs {run_file.stem}; forge resume {run_file.stem})")
     write_status(run_file, "running")
     try:
-        from flows.pipeline import forge_pipeline  # imports Prefect
+        from flows.pipeline import forge_pipeline, remember_run  # imports Prefect
+        remember_run(str(run_file), spec, prep.dag, prep.steps)   # planned once, above
         state = forge_pipeline(str(run_file), prep.dag.pipeline.name, return_state=True)
     except KeyboardInterrupt:
         write_status(run_file, "cancelled")

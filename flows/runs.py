@@ -60,7 +60,15 @@ class RunRecord:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.path.stat().st_mtime))
 
     def dag(self) -> Dag:
-        return build(typed(self.spec["resolved"], tuple(self.spec.get("overrides", ()))))
+        return run_dag(self.path, self.spec)
+
+
+def run_dag(run_file: Path, spec: dict) -> Dag:
+    """The DAG of a stored run, in the store that holds its run file: the store may have moved
+    since, and ``forge resume`` may be typed in any directory."""
+    store = Path(run_file).resolve().parent.parent
+    resolved = dict(spec["resolved"], store=str(store))
+    return build(typed(resolved, tuple(spec.get("overrides", ()))))
 
 
 def _alive(pid) -> bool:

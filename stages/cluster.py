@@ -11,41 +11,38 @@ import dataclasses
 from typing import Literal
 
 from stages.launch_spec import KubernetesSpec, SlurmSpec, check_launch
-from stages.schema import ConfigError, setting
+from stages.schema import ConfigError, configclass, setting
 from stages.specs import ModelSpec
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class ParallelSpec:
-    tensor_parallel: int = setting(1, "TP size (does not change the math, only the layout)")
-    pipeline_parallel: int = setting(1, "PP size")
-    data_parallel: int = setting(1, "DP size")
-    context_parallel: int = setting(1, "CP size")
+    tensor_parallel: int = setting(1, "TP size (does not change the math, only the layout)", ge=1)
+    pipeline_parallel: int = setting(1, "PP size", ge=1)
+    data_parallel: int = setting(1, "DP size", ge=1)
+    context_parallel: int = setting(1, "CP size", ge=1)
     device: Literal["cpu", "cuda"] = setting("cpu", "cpu trains through gloo, cuda through NCCL")
-    # Where workers run (stages/training/launch_spec.py); `forge launch-command` prints it.
+    # Where workers run (stages/launch_spec.py); `forge launch-command` prints it.
     launcher: Literal["torchrun", "slurm", "kubernetes"] = setting(
         "torchrun", "torchrun on this machine, slurm (salloc + srun, torchrun per node) or "
                     "kubernetes (an Indexed Job of the worker image)")
     slurm: SlurmSpec = setting(SlurmSpec(), "launcher=slurm: partition, account, time, image")
     kubernetes: KubernetesSpec = setting(KubernetesSpec(), "launcher=kubernetes: namespace, "
                                                            "image, store claim")
-    threads_per_worker: int = setting(1, "OMP threads per worker process")
+    threads_per_worker: int = setting(1, "OMP threads per worker process", ge=1)
     # What `forge plan` needs to estimate time and memory (stages/training/compute.py).
     accelerator: str = setting("cpu", "device type: cpu, a100, h100, h200 or b200 (sets memory "
                                       "and peak FLOP/s for the compute plan)")
-    gpus_per_node: int = setting(8, "devices (CPU: worker processes) per node")
-    memory_gib: float = setting(0.0, "memory per device in GiB; 0 = the accelerator's")
-    mfu: float = setting(0.4, "model FLOPs utilisation assumed for GPU-hour estimates")
+    gpus_per_node: int = setting(8, "devices (CPU: worker processes) per node", ge=1)
+    memory_gib: float = setting(0.0, "memory per device in GiB; 0 = the accelerator's", ge=0)
+    mfu: float = setting(0.4, "model FLOPs utilisation assumed for GPU-hour estimates", gt=0.0,
+                         le=1.0)
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.data_parallel * self.context_parallel
 
     def __post_init__(self) -> None:
-        for f in ("tensor_parallel", "pipeline_parallel", "data_parallel", "context_parallel",
-                  "threads_per_worker", "gpus_per_node"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
         from stages.training.compute import ACCELERATORS
         if self.accelerator not in ACCELERATORS:
             raise ConfigError(f"accelerator: unknown {self.accelerator!r}; known: "
@@ -54,10 +51,6 @@ class ParallelSpec:
             raise ConfigError(f"accelerator: {self.accelerator!r} does not match device "
                               f"{self.device!r}; use accelerator=cpu with device=cpu, a GPU type "
                               "with device=cuda")
-        if not 0.0 < self.mfu <= 1.0:
-            raise ConfigError(f"mfu: must be in (0, 1], got {self.mfu}")
-        if self.memory_gib < 0:
-            raise ConfigError(f"memory_gib: must be >= 0, got {self.memory_gib}")
         check_launch(self)  # whole nodes; what the chosen launcher needs
 
     def check_model(self, model: ModelSpec, where: str) -> None:

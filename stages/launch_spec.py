@@ -12,11 +12,10 @@ a stage's key. The commands are built in ``flows/launchers.py``; nothing here im
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Literal
 
-from stages.schema import ConfigError, setting
+from stages.schema import ConfigError, configclass, setting
 
 LAUNCHERS = ("torchrun", "slurm", "kubernetes")
 
@@ -30,7 +29,7 @@ def _check_port(port: int) -> None:
         raise ConfigError(f"rdzv_port: {port} is not a free-to-use port; pick one in 1024..65535")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class SlurmSpec:
     partition: str = setting("", "partition of the stage allocations (salloc --partition); "
                                  "empty = the cluster's default")
@@ -68,7 +67,7 @@ class SlurmSpec:
             raise ConfigError("python: empty; name the worker environment's Python on the nodes")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class KubernetesSpec:
     namespace: str = setting("default", "namespace of the stage Jobs")
     image: str = setting("", "worker image (the repository's Dockerfile, pushed to a registry the "
@@ -84,7 +83,7 @@ class KubernetesSpec:
                                                 "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}",
                                             factory=dict)
     shm_gib: int = setting(64, "size of /dev/shm in GiB (memory-backed); NCCL and data loaders "
-                               "outgrow the container default of 64 MiB")
+                               "outgrow the container default of 64 MiB", ge=1)
     rdzv_port: int = setting(29500, "torchrun rendezvous port on pod 0")
 
     def __post_init__(self) -> None:
@@ -93,8 +92,6 @@ class KubernetesSpec:
                               "letters, digits and '-', at most 63)")
         if self.store_claim and not re.fullmatch(r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?", self.store_claim):
             raise ConfigError(f"store_claim: {self.store_claim!r} is not a Kubernetes name")
-        if self.shm_gib < 1:
-            raise ConfigError(f"shm_gib: must be >= 1, got {self.shm_gib}")
         _check_port(self.rdzv_port)
 
 

@@ -1,8 +1,12 @@
 """Typed configs for stages: frozen dataclasses built from plain dicts, with field-path errors.
 
-Every stage kind declares a frozen, keyword-only ``Config`` dataclass. Fields are identity fields
-(they change the result and so the stage's key) unless declared with ``setting(...)``, which marks
-fields such as logging cadence that must not retrain anything when they change.
+Every stage kind declares a ``@configclass`` (a frozen, keyword-only dataclass). Fields are
+identity fields (they change the result and so the stage's key) unless declared with
+``setting(...)``, which marks fields such as logging cadence that must not retrain anything when
+they change. Bounds are declared with the field (``param(1, "epochs", ge=1)``) and checked when the
+config is created, before its own ``__post_init__`` (which keeps the checks that relate fields).
+A field added after stages were run is declared ``keyed_if_set=True``: while it holds its default
+it is left out of the key, so every earlier key (and the work behind it) stays valid.
 """
 from __future__ import annotations
 
@@ -19,29 +23,93 @@ class ConfigError(ValueError):
     """Bad input found before any compute; the message names the field and the fix."""
 
 
-def setting(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -> Any:
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _field(identity: bool, default: Any, doc: str, factory: Any, bounds: dict,
+           keyed_if_set: bool = False) -> Any:
+    meta = {"identity": identity, "doc": doc, "bounds": {k: v for k, v in bounds.items()
+                                                          if v is not None},
+            "keyed_if_set": keyed_if_set}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None, *,
+            ge: Any = None, gt: Any = None, le: Any = None, lt: Any = None) -> Any:
     """A non-identity field: changing it never changes a stage's key or output."""
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"identity": False, "doc": doc})
-    return dataclasses.field(default=default, metadata={"identity": False, "doc": doc})
+    return _field(False, default, doc, factory, {"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
-def param(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None) -> Any:
-    """An identity field with a docstring."""
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"identity": True, "doc": doc})
-    return dataclasses.field(default=default, metadata={"identity": True, "doc": doc})
+def param(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None, *,
+          ge: Any = None, gt: Any = None, le: Any = None, lt: Any = None,
+          keyed_if_set: bool = False) -> Any:
+    """An identity field with a docstring and optional bounds (``ge=1``: must be >= 1)."""
+    return _field(True, default, doc, factory, {"ge": ge, "gt": gt, "le": le, "lt": lt},
+                  keyed_if_set)
+
+
+def check_bounds(cfg: Any) -> None:
+    """Raise ``ValueError("field: must be >= 1, got 0 (doc)")`` for the first field out of its
+    bounds (``from_dict`` puts the config's path in front)."""
+    for f in dataclasses.fields(cfg):
+        bounds = f.metadata.get("bounds") or {}
+        value = getattr(cfg, f.name)
+        if value is None or all(BOUNDS[name][1](value, b) for name, b in bounds.items()):
+            continue
+        doc = f.metadata.get("doc", "")
+        raise ValueError(f"{yaml_name(f.name)}: must be {_describe(bounds)}, got {value!r}"
+                         + (f" ({doc})" if doc else ""))
+
+
+def _describe(bounds: dict) -> str:
+    """``>= 1``, or an interval such as ``in [0, 1)`` when there is a lower and an upper bound."""
+    num = lambda b: f"{b:g}" if isinstance(b, float) else str(b)  # noqa: E731
+    low = [(n, b) for n, b in bounds.items() if n in ("ge", "gt")]
+    high = [(n, b) for n, b in bounds.items() if n in ("le", "lt")]
+    if low and high:
+        (ln, lb), (hn, hb) = low[0], high[0]
+        return f"in {'[' if ln == 'ge' else '('}{num(lb)}, {num(hb)}{']' if hn == 'le' else ')'}"
+    return " and ".join(f"{BOUNDS[n][0]} {num(b)}" for n, b in bounds.items())
+
+
+def configclass(cls: type) -> type:
+    """A frozen, keyword-only config dataclass whose field bounds are checked on creation."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if own is not None:
+            own(self)
+        else:  # a subclass without checks of its own still runs its parents'
+            parent = getattr(super(cls, self), "__post_init__", None)
+            if parent is not None:
+                parent()
+
+    cls.__post_init__ = __post_init__
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
 def is_identity(f: dataclasses.Field) -> bool:
     return f.metadata.get("identity", True)
 
 
+def _in_key(f: dataclasses.Field, value: Any) -> bool:
+    if not is_identity(f):
+        return False
+    if f.metadata.get("keyed_if_set"):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        return value != default
+    return True
+
+
 def identity_dict(cfg: Any) -> Any:
     """The identity fields of a config, recursively, as plain JSON-able data."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: identity_dict(getattr(cfg, f.name))
-                for f in dataclasses.fields(cfg) if is_identity(f)}
+                for f in dataclasses.fields(cfg) if _in_key(f, getattr(cfg, f.name))}
     if isinstance(cfg, dict):
         return {k: identity_dict(v) for k, v in sorted(cfg.items())}
     if isinstance(cfg, (list, tuple)):

@@ -9,37 +9,30 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from stages.schema import ConfigError, param, setting
+from stages.schema import ConfigError, configclass, param, setting
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class ModelSpec:
     name: str = setting("custom", "preset name, for display only")
-    hidden_size: int = param(doc="model width")
-    num_layers: int = param(doc="transformer blocks")
-    num_attention_heads: int = param(doc="query heads")
-    num_query_groups: int = param(doc="KV heads (GQA groups)")
-    kv_channels: int = param(doc="head dimension")
-    ffn_hidden_size: int = param(doc="SwiGLU inner width")
-    vocab_size: int = param(doc="tokenizer vocabulary (padded for TP inside the model)")
-    max_position_embeddings: int = param(4096, "longest sequence the model is built for")
-    rope_theta: float = param(10000.0, "RoPE base")
-    layernorm_epsilon: float = param(1e-5, "RMSNorm epsilon")
+    hidden_size: int = param(doc="model width", gt=0)
+    num_layers: int = param(doc="transformer blocks", gt=0)
+    num_attention_heads: int = param(doc="query heads", gt=0)
+    num_query_groups: int = param(doc="KV heads (GQA groups)", gt=0)
+    kv_channels: int = param(doc="head dimension", gt=0)
+    ffn_hidden_size: int = param(doc="SwiGLU inner width", gt=0)
+    vocab_size: int = param(doc="tokenizer vocabulary (padded for TP inside the model)", gt=0)
+    max_position_embeddings: int = param(4096, "longest sequence the model is built for", gt=0)
+    rope_theta: float = param(10000.0, "RoPE base", gt=0)
+    layernorm_epsilon: float = param(1e-5, "RMSNorm epsilon", gt=0)
     tied_embeddings: bool = param(True, "share input and output embeddings")
-    init_std: float = param(0.02, "weight init std")
+    init_std: float = param(0.02, "weight init std", gt=0)
     # Granite's scaling multipliers; 1.0 each means a plain decoder (what Megatron computes).
     embedding_multiplier: float = param(1.0, "Granite embedding multiplier")
     residual_multiplier: float = param(1.0, "Granite residual multiplier")
     logits_scaling: float = param(1.0, "Granite logits scaling")
 
     def __post_init__(self) -> None:
-        for f in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
-            if getattr(self, f) <= 0:
-                raise ConfigError(f"{f}: must be positive, got {getattr(self, f)}")
-        for f in ("rope_theta", "layernorm_epsilon", "init_std"):
-            if not getattr(self, f) > 0:
-                raise ConfigError(f"{f}: must be > 0, got {getattr(self, f)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_query_groups: {self.num_query_groups} does not divide "
@@ -54,34 +47,25 @@ class ModelSpec:
         return Shape.of(self).params()
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class ScheduleSpec:
     """LR schedule of one phase. ``step`` counts optimizer steps inside the phase."""
     kind: Literal["power", "wsd", "exponential", "linear", "constant"] = param(doc="schedule")
-    lr: float = param(doc="peak learning rate")
+    lr: float = param(doc="peak learning rate", gt=0)
     min_lr: float = param(0.0, "floor (wsd/exponential)")
-    warmup_steps: int = param(0, "linear warm-up steps from 0")
+    warmup_steps: int = param(0, "linear warm-up steps from 0", ge=0)
     # Power scheduler (IBM, Shen et al. 2024): lr = min(lr, a * tokens^b), tokens counted over all phases.
     power_a: float = param(4.0, "power: coefficient a")
     power_b: float = param(-0.51, "power: exponent b")
-    decay_fraction: float = param(0.0, "power/wsd: final fraction of steps that decays to min_lr")
-    gamma: float = param(0.1, "exponential: lr ends at lr * gamma")
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ConfigError(f"decay_fraction: must be in [0, 1], got {self.decay_fraction}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
+    decay_fraction: float = param(0.0, "power/wsd: final fraction of steps that decays to min_lr",
+                                  ge=0.0, le=1.0)
+    gamma: float = param(0.1, "exponential: lr ends at lr * gamma", gt=0.0, le=1.0)
 
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class PrecisionSpec:
     dtype: Literal["fp32", "bf16"] = param("fp32", "parameter/compute dtype")
     fp8: Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"] = param(

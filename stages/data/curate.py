@@ -4,25 +4,20 @@ Validates and plans today; running it stops at validation, naming the issue that
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from stages.base import StageGraph, StageKind
-from stages.schema import ConfigError, param
+from stages.schema import configclass, param
 
 NOT_BUILT = "is not built yet: curation (rule filters + LLM judge) is issue 11"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class CurateConfig:
     data: str = param(doc="prepare_data stage with the instruction/chat sources")
     rules: tuple[str, ...] = param(("min_length", "dedup", "language"), "rule-based filters")
     judge: str | None = param(None, "LLM-as-judge model stage (vLLM on GPU)")
-    target_samples: int = param(doc="samples to keep")
-
-    def __post_init__(self) -> None:
-        if self.target_samples < 1:
-            raise ConfigError(f"target_samples: must be >= 1, got {self.target_samples}")
+    target_samples: int = param(doc="samples to keep", ge=1)
 
 
 class Curate(StageKind):

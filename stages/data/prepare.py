@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
-from stages.schema import ConfigError, param
+from stages.schema import ConfigError, configclass, param
 
 GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo", "recall")
 PROMPTED_GENERATORS = ("recall",)  # their documents are {"prompt", "text"}: loss on the text only
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class SourceSpec:
     """One mixture domain: either the embedded generator or a `datasets` builder with files."""
     generator: Literal["web", "code", "math", "technical", "chat", "long", "repo",
                        "recall"] | None = param(
         None, "embedded deterministic corpus for this domain")
-    documents: int = param(1000, "generator: number of documents")
+    documents: int = param(1000, "generator: number of documents", gt=0)
     builder: str | None = param(None, "datasets builder or hub path (json, parquet, text, org/name)")
     data_files: tuple[str, ...] = param((), "builder: local files / globs / URLs")
     split: str = param("train", "builder: split to read")
@@ -45,8 +45,6 @@ class SourceSpec:
         if (self.generator is None) == (self.builder is None):
             raise ConfigError("give exactly one of `generator` (embedded corpus) or `builder` "
                               "(a datasets builder with data_files)")
-        if self.generator is not None and self.documents <= 0:
-            raise ConfigError(f"documents: must be > 0, got {self.documents}")
         if self.builder is not None and not self.builder.strip():
             raise ConfigError("builder: is empty; name a datasets builder (json, parquet, text) "
                               "or a hub dataset (org/name)")
@@ -61,17 +59,16 @@ class SourceSpec:
                               "prompt and the text must be different columns")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class PrepareDataConfig:
     sources: dict[str, SourceSpec] = param(doc="source name -> where its documents come from")
     seed: int = param(0, "seed of the embedded generators")
-    validation_fraction: float = param(0.01, "share of each source held out for evaluation")
+    validation_fraction: float = param(0.01, "share of each source held out for evaluation",
+                                       ge=0.0, lt=0.5)
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError("sources: is empty; declare at least one source")
-        if not 0.0 <= self.validation_fraction < 0.5:
-            raise ConfigError(f"validation_fraction: {self.validation_fraction} must be in [0, 0.5)")
 
 
 def check_local_files(spec: SourceSpec, where: str) -> None:

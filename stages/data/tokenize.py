@@ -22,7 +22,7 @@ from typing import Any
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
 from stages.data.tokenizer import EOD, PAD, document_columns, read_columns, source_outputs
 from stages.layout import loss_mask_prefix
-from stages.schema import ConfigError, param, setting
+from stages.schema import configclass, param, setting
 
 
 def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
@@ -101,15 +101,11 @@ def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_
                            "tokenizer": str(tok_path), "dtype": dtype.__name__})
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class TokenizeConfig:
     data: str = param(doc="the prepare_data stage whose sources are tokenized")
     tokenizer: str = param(doc="the train_tokenizer stage")
-    workers: int = setting(1, "processes used for tokenization")
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+    workers: int = setting(1, "processes used for tokenization", ge=1)
 
 
 class Tokenize(StageKind):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
-from stages.schema import ConfigError, param
+from stages.schema import ConfigError, configclass, param
 
 EOD = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -112,22 +112,17 @@ def train_tokenizer(config: TrainTokenizerConfig, inputs: dict[str, StageInput],
                     extra=extra)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class TrainTokenizerConfig:
     data: str = param(doc="the prepare_data stage to train on")
     vocab_size: int = param(doc="BPE vocabulary size, special tokens included")
-    max_documents: int = param(20000, "documents sampled per source for training")
-    min_frequency: int = param(2, "BPE merge minimum frequency")
+    max_documents: int = param(20000, "documents read per source to train the tokenizer", ge=1)
+    min_frequency: int = param(2, "BPE merge minimum frequency", ge=0)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 260:
             raise ConfigError(f"vocab_size: {self.vocab_size} is below the 256 bytes + specials of a "
                               "byte-level BPE; use at least 260")
-        if self.max_documents < 1:
-            raise ConfigError(f"max_documents: must be >= 1 (documents read per source to train "
-                              f"the tokenizer), got {self.max_documents}")
-        if self.min_frequency < 0:
-            raise ConfigError(f"min_frequency: must be >= 0, got {self.min_frequency}")
 
 
 class TrainTokenizer(StageKind):

@@ -16,37 +16,33 @@ a world of one (CPU shim on CPU); vLLM serving on GPU is issue 3's GPU follow-up
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.schema import ConfigError, param, setting
+from stages.schema import ConfigError, configclass, param, setting
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class EvaluateConfig:
     from_: str = param(doc="model stage to evaluate")
     data: str = param(doc="the tokenize stage (held-out split and tokenizer)")
-    heldout_length: int = param(doc="sequence length of the held-out loss (the pretraining length)")
+    heldout_length: int = param(doc="sequence length of the held-out loss (the pretraining length)",
+                                gt=0)
     lengths: tuple[int, ...] = param((), "context lengths for the retrieval probes")
     depths: tuple[float, ...] = param((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths (0 = start, 1 = end)")
     keys: tuple[int, ...] = param((1, 4), "needles per probe: 1 = single needle, more = multi-key")
-    samples: int = param(32, "retrieval probes per (length, depth, keys) cell")
+    samples: int = param(32, "retrieval probes per (length, depth, keys) cell", ge=1)
     seed: int = param(0, "probe generation seed")
-    batch_size: int = setting(16, "probes per forward pass")
+    batch_size: int = setting(16, "probes per forward pass", ge=1)
 
     def __post_init__(self) -> None:
-        if self.heldout_length <= 0:
-            raise ConfigError(f"heldout_length: must be > 0, got {self.heldout_length}")
         if any(n < 16 for n in self.lengths):
             raise ConfigError(f"lengths: each must be >= 16 tokens, got {list(self.lengths)}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths) or not self.depths:
             raise ConfigError(f"depths: need values in [0, 1], got {list(self.depths)}")
         if any(k < 1 for k in self.keys) or not self.keys:
             raise ConfigError(f"keys: need counts >= 1, got {list(self.keys)}")
-        if self.samples < 1:
-            raise ConfigError(f"samples: must be >= 1, got {self.samples}")
 
 
 class Evaluate(StageKind):

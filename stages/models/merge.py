@@ -23,7 +23,6 @@ tokenizer (vocabulary); a base among the model stages when the method needs one.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -32,19 +31,19 @@ from typing import Any, Literal
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.layout import CHECKPOINTS, iter_name
-from stages.schema import ConfigError, param, to_dict
+from stages.schema import ConfigError, configclass, param, to_dict
 from stages.specs import ModelSpec, shape_differences, spec_of_artifact
 
 NEEDS_BASE = ("slerp", "ties", "task_arithmetic")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class MergeConfig:
     from_: tuple[str, ...] = param(doc="two or more model stages to merge")
     method: Literal["linear", "slerp", "ties", "task_arithmetic"] = param("linear", "mergekit method")
     weights: tuple[float, ...] = param((), "one weight per parent in `from` (default: equal)")
     base: str | None = param(None, "base model stage (slerp, ties, task_arithmetic)")
-    density: float = param(1.0, "ties: fraction of each task vector kept")
+    density: float = param(1.0, "ties: fraction of each task vector kept", gt=0.0, le=1.0)
 
     def __post_init__(self) -> None:
         if len(self.from_) < 2:
@@ -63,8 +62,6 @@ class MergeConfig:
                               f"use one of {', '.join(NEEDS_BASE)}")
         if self.method == "slerp" and (len(self.from_) != 2 or self.base not in self.from_):
             raise ConfigError("from: slerp merges exactly two parents, one of which is `base`")
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"density: must be in (0, 1], got {self.density}")
         if self.density != 1.0 and self.method != "ties":
             raise ConfigError(f"density: only the ties method trims task vectors; drop density "
                               f"or set method=ties (method is {self.method!r})")

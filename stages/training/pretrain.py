@@ -8,26 +8,26 @@ of an unfinished phase resumes from the newest complete one.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.cluster import LAYOUT_FIELDS, stage_cluster
 from stages.layout import newest_checkpoint
-from stages.schema import ConfigError, identity_dict, param, setting
+from stages.schema import ConfigError, configclass, identity_dict, param, setting
 from stages.specs import ModelSpec, PrecisionSpec, ScheduleSpec, shape_differences
 from stages.training.precision import check_precision, require_fp8_runtime
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class PretrainConfig:
     from_: str | None = param(None, "parent pretrain stage to continue from (weights + optimizer)")
     data: str = param(doc="the `tokenize` stage whose sources this phase blends")
     model: ModelSpec = param(doc="model shape (the `model` config group)")
-    tokens: int = param(doc="tokens trained in this phase")
+    tokens: int = param(doc="tokens trained in this phase", gt=0)
     seq_length: int = param(doc="tokens per sequence")
-    global_batch_size: int = param(doc="sequences per optimizer step (all data-parallel ranks)")
+    global_batch_size: int = param(doc="sequences per optimizer step (all data-parallel ranks)",
+                                   gt=0)
     mixture: dict[str, float] = param(doc="source name -> weight (normalised)")
     loss_weights: dict[str, float] = param(
         factory=dict, doc="source name -> weight of its loss tokens in the token-mean loss "
@@ -35,20 +35,21 @@ class PretrainConfig:
                           "per sample would otherwise drown")
     schedule: ScheduleSpec = param(doc="LR schedule of this phase")
     precision: PrecisionSpec = param(factory=PrecisionSpec, doc="dtype / FP8 recipe")
-    weight_decay: float = param(0.1, "AdamW weight decay")
-    adam_beta1: float = param(0.9, "AdamW beta1")
-    adam_beta2: float = param(0.95, "AdamW beta2")
-    adam_eps: float = param(1e-8, "AdamW epsilon")
-    grad_clip: float = param(1.0, "gradient-norm clip (0 = off)")
+    weight_decay: float = param(0.1, "AdamW weight decay (0 turns it off)", ge=0)
+    adam_beta1: float = param(0.9, "AdamW beta1", ge=0.0, lt=1.0)
+    adam_beta2: float = param(0.95, "AdamW beta2", ge=0.0, lt=1.0)
+    adam_eps: float = param(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = param(1.0, "gradient-norm clip (0 turns it off)", ge=0)
     seed: int = param(1234, "init / data-order seed")
-    micro_batch_size: int = setting(0, "sequences per forward pass per rank (0 = whole local batch)")
+    micro_batch_size: int = setting(0, "sequences per forward pass per rank (0 = the whole local "
+                                       "batch)", ge=0)
     parallel: dict[str, int] = setting(
         factory=dict, doc="this stage's own layout over the cluster's: tensor_parallel, "
                           "pipeline_parallel, context_parallel, data_parallel (e.g. a 512K-token "
                           "extension needs more model parallelism than a 4K phase)")
-    checkpoint_interval: int = setting(50, "save every N steps (and always at the end)")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept while training")
-    log_interval: int = setting(10, "print progress every N steps")
+    checkpoint_interval: int = setting(50, "save every N steps (and always at the end)", ge=0)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept while training", ge=1)
+    log_interval: int = setting(10, "print progress every N steps", ge=1)
 
     carries_optimizer: ClassVar[bool] = True  # a phase continues its parent's AdamW moments
     document_mask: ClassVar[bool] = False     # pretraining attends across packed documents
@@ -59,13 +60,9 @@ class PretrainConfig:
         return self.model
 
     def __post_init__(self) -> None:
-        if self.tokens <= 0:
-            raise ConfigError(f"tokens: must be > 0, got {self.tokens}")
         if self.seq_length <= 0 or self.seq_length > self.run_model.max_position_embeddings:
             raise ConfigError(f"seq_length: {self.seq_length} must be in 1..model.max_position_embeddings "
                               f"({self.run_model.max_position_embeddings})")
-        if self.global_batch_size <= 0:
-            raise ConfigError(f"global_batch_size: must be > 0, got {self.global_batch_size}")
         if not self.mixture:
             raise ConfigError("mixture: is empty; give at least one source with a positive weight, "
                               "e.g. mixture: {web: 1.0}")
@@ -81,22 +78,6 @@ class PretrainConfig:
         if self.steps < 1:
             raise ConfigError(f"tokens: {self.tokens} is less than one step "
                               f"({self.global_batch_size} x {self.seq_length} tokens)")
-        if self.checkpoint_interval < 0:
-            raise ConfigError("checkpoint_interval: must be >= 0")
-        for f in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, f) < 1.0:
-                raise ConfigError(f"{f}: must be in [0, 1), got {getattr(self, f)}")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"adam_eps: must be > 0, got {self.adam_eps}")
-        for f in ("weight_decay", "grad_clip"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"{f}: must be >= 0 (0 turns it off), got {getattr(self, f)}")
-        for f in ("log_interval", "keep_checkpoints"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
-        if self.micro_batch_size < 0:
-            raise ConfigError(f"micro_batch_size: must be >= 0 (0 = the whole local batch), got "
-                              f"{self.micro_batch_size}")
         for key, size in self.parallel.items():
             if key not in LAYOUT_FIELDS:
                 raise ConfigError(f"parallel.{key}: unknown; a stage may set {', '.join(LAYOUT_FIELDS)}")

@@ -5,29 +5,23 @@ The model it makes is its parent's (``model_source``).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from stages.base import StageGraph, StageKind
-from stages.schema import ConfigError, param
+from stages.schema import configclass, param
 from stages.specs import ScheduleSpec
 
 NOT_BUILT = "is not built yet: SFT on curated data is issue 11"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class SftConfig:
     from_: str = param(doc="model stage to fine-tune")
     data: str = param(doc="curate stage")
-    epochs: int = param(1, "passes over the curated data")
-    seq_length: int = param(doc="tokens per packed sequence")
-    global_batch_size: int = param(doc="sequences per step")
+    epochs: int = param(1, "passes over the curated data", ge=1)
+    seq_length: int = param(doc="tokens per packed sequence", ge=1)
+    global_batch_size: int = param(doc="sequences per step", ge=1)
     schedule: ScheduleSpec = param(doc="LR schedule")
-
-    def __post_init__(self) -> None:
-        for f in ("epochs", "seq_length", "global_batch_size"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
 
 
 class Sft(StageKind):
