@@ -115,17 +115,21 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
                 guarded(warn, f"closing {stage}'s run", lineage.fail_stage, mlflow_run)
             raise
         upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
-        if mlflow_run:  # else the end-of-run sync records it from disk
-            guarded(warn, f"recording {stage}", lineage.finish_stage, mlflow_run, node, config,
-                    artifact, parent_keys, upstream)
+        recorded = bool(mlflow_run) and guarded(  # else the end-of-run sync records it from disk
+            warn, f"recording {stage}", lineage.finish_stage, mlflow_run, node, config, artifact,
+            parent_keys, upstream) is not None
         logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
-        return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started)
+        return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started,
+                      recorded=recorded)
 
 
-def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0) -> dict:
+def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0,
+           recorded: bool = False) -> dict:
+    """The task's result. ``recorded``: MLflow holds the stage's lineage (the end-of-run sync
+    leaves it alone)."""
     art = read_artifact(node.out_dir)
     return {"stage": node.name, "key": node.key, "out_dir": str(node.out_dir), "executed": executed,
-            "mlflow_run": mlflow_run, "seconds": round(seconds, 2),
+            "mlflow_run": mlflow_run, "seconds": round(seconds, 2), "recorded": recorded,
             "outputs": art.outputs if art else {}, "metrics": art.metrics if art else {}}
 
 
@@ -168,17 +172,19 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                                       "error": str(_exception(state))}
                 continue
             records[step.name] = dict(state.result())
-            if state.name == "Cached":
-                records[step.name]["executed"] = False
+            if state.name == "Cached":   # an earlier run's result: this run has recorded nothing
+                records[step.name].update(executed=False, recorded=False)
             if not records[step.name]["executed"]:
                 if lineage and parent_run:
-                    records[step.name]["mlflow_run"] = guarded(
-                        warn, f"recording cached {step.name}", lineage.record_cached, parent_run,
-                        step.name, step.node.key)
+                    producer = guarded(warn, f"recording cached {step.name}",
+                                       lineage.record_cached, parent_run, step.name, step.node.key)
+                    records[step.name]["mlflow_run"] = producer
+                    records[step.name]["recorded"] = producer is not None
                 logger.info(f"{step.name}: cached -> {step.node.out_dir}")
     finally:
         # MLflow catches up on whatever an outage kept from it (flows/tracking/sync.py)
-        ran = [s.name for s in steps if s.action != "skip"]
+        ran = [s.name for s in steps if s.action != "skip"
+               and not records.get(s.name, {}).get("recorded")]   # MLflow has these already
         parent_run, pending = sync_pipeline(dag, ran, parent_run, spec, str(flow_run.get_id()), warn)
         if pending:
             warn(f"MLflow: lineage of {', '.join(pending)} is not recorded yet; the next run of "

@@ -38,6 +38,11 @@ def prepare(overrides: list[str] | tuple[str, ...], only: str | None = None,
     return _prepared(build(config_mod.load(overrides)), tuple(overrides), only, tuple(rerun))
 
 
+def prepare_dag(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) -> Prepared:
+    """A pipeline built without Hydra (a config from code, a plugin's own composition)."""
+    return _prepared(dag, (), only, tuple(rerun))
+
+
 def prepare_resume(run_id: str, store: Path) -> Prepared:
     """A stored run again, from its own resolved config (today's conf/ is not read)."""
     from flows.runs import find_run

@@ -7,7 +7,6 @@ and the hooks of ``StageKind`` through which the orchestrator learns what it nee
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -15,10 +14,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.layout import ARTIFACT_FILE, METRICS_FILE
+from stages.layout import ARTIFACT_FILE, METRICS_FILE, file_digest, problem
 from stages.schema import ConfigError
 
-__all__ = ["ARTIFACT_FILE", "Artifact", "RunContext", "StageGraph", "StageInput", "StageKind"]
+__all__ = ["ARTIFACT_FILE", "Artifact", "file_digest", "RunContext", "StageGraph", "StageInput", "StageKind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +52,19 @@ class StageInput:
                            f"(it has {sorted(self.artifact.outputs)})")
         return self.out_dir / self.artifact.outputs[output]
 
+    def checkpoint(self) -> Path:
+        """The parent's final checkpoint, its checksums verified before anything loads it."""
+        path = self.path("checkpoint")
+        why = problem(path, verify=True)
+        if why:
+            raise DamagedInput(f"the checkpoint of parent stage {self.name} is damaged: {path}: "
+                               f"{why}; run {self.name} again (forge run --rerun {self.name})")
+        return path
+
+
+class DamagedInput(RuntimeError):
+    """A parent's output fails its checks: nothing was loaded from it."""
+
 
 def write_artifact(out_dir: Path, artifact: Artifact) -> Path:
     """Write ``artifact.json`` atomically (tmp file, fsync, rename)."""
@@ -75,14 +87,6 @@ def read_artifact(out_dir: Path) -> Artifact | None:
         return Artifact.from_json(p.read_text())
     except (ValueError, TypeError):
         return None  # a damaged record is not proof of completion
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class StageKind:

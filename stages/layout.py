@@ -15,6 +15,8 @@ No torch here: ``forge plan``/``status``/``runs`` read it without importing a tr
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 ARTIFACT_FILE = "artifact.json"
@@ -61,3 +63,41 @@ def rejected_name(checkpoint: Path, when: int) -> str:
 def loss_mask_prefix(prefix) -> str:
     """Where the loss mask of the indexed dataset at ``prefix`` lives (it may not exist)."""
     return str(prefix) + LOSS_MASK_SUFFIX
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != DONE)
+
+
+def problem(ckpt: Path, verify: bool = True) -> str:
+    """Why ``ckpt`` is not a complete checkpoint ("" when it is): ``done`` missing or unreadable, a
+    file it lists missing or of another size or (``verify``) sha256, or a file it does not list."""
+    ckpt = Path(ckpt)
+    if not (ckpt / DONE).is_file():
+        return f"no {DONE} manifest (a save that did not finish)"
+    try:
+        files = json.loads((ckpt / DONE).read_text())["files"]
+        listed = {rel: (int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{DONE} manifest is unreadable ({type(e).__name__}: {e})"
+    for rel, (size, sha) in listed.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {DONE} says {size}"
+        if verify and file_digest(p) != sha:
+            return f"{rel} fails its sha256 check"
+    extra = sorted(str(p.relative_to(ckpt)) for p in checkpoint_files(ckpt)) if verify else []
+    extra = [rel for rel in extra if rel not in listed]
+    if extra:
+        return f"{extra[0]} is not listed in {DONE}"
+    return ""

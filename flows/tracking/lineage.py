@@ -164,7 +164,7 @@ class Lineage:
         self.client.set_terminated(run_id, "FAILED")
 
     def finish_stage(self, rid: str, node: Any, config: dict, artifact: Artifact,
-                     parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> None:
+                     parent_keys: dict[str, str], upstream: dict[str, Artifact]) -> str:
         """Final metrics, what the stage read, what it made (a LoggedModel by reference)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
         from mlflow.entities import RunTag
@@ -198,6 +198,7 @@ class Lineage:
                 self.client.log_artifact(rid, str(node.out_dir / rel))
         self.client.log_batch(rid, tags=[RunTag("forge.artifact", str(node.out_dir / "artifact.json"))])
         self.client.set_terminated(rid, "FINISHED")
+        return rid
 
     def _log_metrics(self, rid: str, final: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -114,6 +114,7 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
     from stages.training.cpu_shim import megatron_world
     t0 = time.time()
     model_in, data = inputs[config.from_], inputs[config.data]
+    checkpoint = model_in.checkpoint()   # damaged: refused before any work
     spec = spec_of_artifact(model_in)
     longest = max((*config.lengths, config.heldout_length))
     # RoPE is computed for any length; max positions only sizes the rotary cache.
@@ -123,7 +124,7 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
     tokenizer = Tokenizer.from_file(str(data.path("tokenizer")))
     probes = _probes(tokenizer, config)
     with megatron_world():
-        model = _load_model(spec, model_in.path("checkpoint"), device)
+        model = _load_model(spec, checkpoint, device)
         metrics = _heldout(model, data, config, device, out_dir)
         if "heldout_loss" in metrics:
             print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "

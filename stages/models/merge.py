@@ -149,6 +149,7 @@ def merge_models(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunC
     from stages.training.checkpoint import TrainState
     t0 = time.time()
     parents = list(dict.fromkeys([*config.from_, *([config.base] if config.base else [])]))
+    checkpoints = {p: inputs[p].checkpoint() for p in parents}   # damaged: refused before any work
     specs = {p: spec_of_artifact(inputs[p]) for p in parents}
     longest = max(config.from_, key=lambda p: inputs[p].artifact.extra.get("seq_length", 0))
     tokenizer = next((inputs[p].path("tokenizer") for p in parents
@@ -159,7 +160,7 @@ def merge_models(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunC
     shutil.rmtree(hf_out, ignore_errors=True)
     paths = {}
     for p in parents:
-        paths[p] = str(megatron_to_hf(inputs[p].path("checkpoint"), specs[p], work / p, tokenizer))
+        paths[p] = str(megatron_to_hf(checkpoints[p], specs[p], work / p, tokenizer))
         print(f"[{ctx.stage}] exported {p} to Hugging Face format", flush=True)
 
     doc = mergekit_config(config, paths)

@@ -42,11 +42,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages.base import file_digest
+from stages.layout import (CHECKPOINTS, DONE, ITER, STATE, TMP, checkpoint_dirs, checkpoint_files,
+                           file_digest, iter_name, problem)
 
-CHECKPOINTS = "checkpoints"
-DONE = "done"  # JSON manifest; its presence (and validity) marks a complete checkpoint
-STATE = "state.json"
+__all__ = ["CHECKPOINTS", "DONE", "STATE", "iter_name", "problem"]
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -60,10 +59,6 @@ class TrainState:
     world_size: int = 1
     tensor_parallel: int = 1
     data_parallel: int = 1
-
-
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 def _rank() -> int:
@@ -85,36 +80,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- completeness
-def _files(ckpt: Path) -> list[Path]:
-    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != DONE)
-
-
-def problem(ckpt: Path, verify: bool = True) -> str:
-    """Why ``ckpt`` is not a complete checkpoint ("" when it is): ``done`` missing or unreadable, a
-    file it lists missing or of another size or (``verify``) sha256, or a file it does not list."""
-    ckpt = Path(ckpt)
-    if not (ckpt / DONE).is_file():
-        return f"no {DONE} manifest (a save that did not finish)"
-    try:
-        files = json.loads((ckpt / DONE).read_text())["files"]
-        listed = {rel: (int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{DONE} manifest is unreadable ({type(e).__name__}: {e})"
-    for rel, (size, sha) in listed.items():
-        p = ckpt / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != size:
-            return f"{rel} has {p.stat().st_size} bytes, {DONE} says {size}"
-        if verify and file_digest(p) != sha:
-            return f"{rel} fails its sha256 check"
-    extra = sorted(str(p.relative_to(ckpt)) for p in _files(ckpt)) if verify else []
-    extra = [rel for rel in extra if rel not in listed]
-    if extra:
-        return f"{extra[0]} is not listed in {DONE}"
-    return ""
-
-
 def is_complete(ckpt: Path, verify: bool = True) -> bool:
     """True if ``done`` is valid and every file it lists is there (with its sha256 if verify)."""
     return not problem(ckpt, verify)
@@ -122,11 +87,7 @@ def is_complete(ckpt: Path, verify: bool = True) -> bool:
 
 def complete_checkpoints(out_dir: Path, verify: bool = False) -> list[Path]:
     """Complete checkpoints of ``out_dir``, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
-    return [p for p in found if is_complete(p, verify)]
+    return [p for p in checkpoint_dirs(out_dir) if is_complete(p, verify)]
 
 
 def latest_complete(out_dir: Path, verify: bool = True,
@@ -134,10 +95,7 @@ def latest_complete(out_dir: Path, verify: bool = True,
     """The newest complete checkpoint under ``out_dir/checkpoints`` (checksums verified), or None.
 
     ``on_reject(path, why)`` hears of each newer ``iter_*`` directory passed over, newest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")) \
-        if root.is_dir() else []
-    for p in reversed(found):
+    for p in reversed(checkpoint_dirs(out_dir)):
         why = problem(p, verify)
         if not why:
             return p
@@ -314,7 +272,7 @@ def _writers_die_with_worker() -> None:
 def write_done(ckpt: Path, state: TrainState) -> None:
     """Write the ``done`` manifest (sha256 and size of every other file, and the state), last."""
     files = {str(p.relative_to(ckpt)): {"sha256": file_digest(p), "size": p.stat().st_size}
-             for p in _files(ckpt)}
+             for p in checkpoint_files(ckpt)}
     _write_atomic(ckpt / DONE, json.dumps({"files": files, "state": dataclasses.asdict(state)},
                                           indent=1, sort_keys=True))
 
@@ -325,7 +283,7 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
     from megatron.core import dist_checkpointing
     root = Path(out_dir) / CHECKPOINTS
     final = root / iter_name(state.step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP}{final.name}"
     rank = _rank()
     _use_warm_queue()
     _writers_die_with_worker()
@@ -362,8 +320,7 @@ def prune(out_dir: Path, keep: int) -> None:
     complete = complete_checkpoints(out_dir, verify=False)
     keep_set = set(complete[-max(1, keep):])
     for p in root.iterdir():
-        if p.is_dir() and p not in keep_set and (p.name.startswith("iter_")
-                                                 or p.name.startswith(".tmp-")):
+        if p.is_dir() and p not in keep_set and p.name.startswith((ITER, TMP)):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -45,8 +45,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from stages.base import Artifact, RunContext, StageInput  # noqa: E402
+from stages.base import Artifact, DamagedInput, RunContext, StageInput  # noqa: E402
 from stages.schema import to_dict  # noqa: E402
+from stages.layout import rejected_name  # noqa: E402
 from stages.training import checkpoint as ckpt  # noqa: E402
 from stages.training.model import build_model, causal_mask, padded_vocab_size  # noqa: E402
 from stages.training.preemption import Preempted, StopSignals  # noqa: E402
@@ -140,7 +141,10 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
     if env.rank == 0:  # rank 0 decides, so every rank loads the same one
         found[0] = newest_checkpoint(out_dir, stage)
         if found[0] is None and config.from_ is not None:
-            found[1] = ckpt.problem(inputs[config.from_].path("checkpoint"))
+            try:
+                inputs[config.from_].checkpoint()   # checksums, before anything loads it
+            except DamagedInput as e:
+                found[1] = str(e)
     dist.broadcast_object_list(found, src=0)
     layout = dict(world_size=env.world, tensor_parallel=env.tp, data_parallel=env.dp)
     if found[0] is not None:
@@ -150,9 +154,7 @@ def start_state(config, inputs, out_dir: Path, model, optimizer, env: Env, stage
     elif config.from_ is not None:
         parent = inputs[config.from_].path("checkpoint")
         if found[1]:
-            raise RuntimeError(f"[{stage}] the checkpoint of parent stage {config.from_} is damaged: "
-                               f"{parent}: {found[1]}; run {config.from_} again "
-                               f"(forge run --rerun {config.from_})")
+            raise DamagedInput(f"[{stage}] {found[1]}")
         carry = config.carries_optimizer  # an extension starts fresh AdamW moments
         prev = ckpt.load_checkpoint(parent, model, optimizer if carry else None)
         state = ckpt.TrainState(tokens_total=prev.tokens_total,
@@ -176,7 +178,7 @@ def newest_checkpoint(out_dir: Path, stage: str) -> Path | None:
         if not (path / ckpt.DONE).exists():  # a save that was cut short: the next save replaces it
             print(f"[{stage}] skipping {path}: {why}", flush=True)
             return
-        aside = path.with_name(f"rejected-{path.name}-{int(time.time())}")
+        aside = path.with_name(rejected_name(path, int(time.time())))
         path.rename(aside)
         print(f"[{stage}] REJECTED checkpoint {path}: {why}; moved to {aside.name}", flush=True)
 

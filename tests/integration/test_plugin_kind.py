@@ -1,0 +1,52 @@
+"""A new stage kind plans and runs through the real flow (Prefect, worker process, MLflow) without
+a change to flows/: tests/support/kinds.py defines it and registers it, nothing else."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flows import runner
+from flows.config import typed
+from flows.dag import build
+from stages import KINDS
+from stages.schema import ConfigError
+from tests.support.kinds import Echo
+
+
+def pipeline(store, **first):
+    stages = {"first": {"kind": "echo", "text": "ab", "repeat": 2, **first},
+              "second": {"kind": "echo", "text": "c", "after": ["first"]}}
+    return build(typed({"pipeline_name": "plugin", "store": str(store), "stages": stages}))
+
+
+def test_a_registered_kind_plans_and_runs_through_the_flow(tmp_path, prefect_server):
+    assert KINDS["echo"] is Echo
+    prep = runner.prepare_dag(pipeline(tmp_path))
+    assert [(s.name, s.action, s.tokens) for s in prep.steps] == [("first", "run", 4),
+                                                                  ("second", "run", 1)]
+    assert prep.compute == {}   # the kind plans no compute: no row in `forge plan`
+
+    result = runner.execute(prep, say=lambda line: None)
+    assert {n for n, r in result["stages"].items() if r["executed"]} == {"first", "second"}
+    first, second = (prep.dag.nodes[n].out_dir for n in ("first", "second"))
+    text, pid = (second / "echo.txt").read_text().split(" pid=")
+    assert text == "ababc"                       # read its parent's output through its inputs
+    assert int(pid) != os.getpid()               # in a worker process of its own
+    assert (first / "metrics.jsonl").exists() and (first / "artifact.json").exists()
+
+    again = runner.prepare_dag(pipeline(tmp_path))
+    assert [s.action for s in again.steps] == ["cached", "cached"]
+    changed = runner.prepare_dag(pipeline(tmp_path, note="a setting"))   # not identity
+    assert [s.action for s in changed.steps] == ["cached", "cached"]
+    changed = runner.prepare_dag(pipeline(tmp_path, repeat=3))
+    assert [s.action for s in changed.steps] == ["run", "run"]
+
+
+def test_its_checks_and_preflight_run_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.first.repeat: must be >= 1, got 0"):
+        pipeline(tmp_path, repeat=0)
+    prep = runner.prepare_dag(pipeline(tmp_path, text="needs-a-gpu"))
+    with pytest.raises(ConfigError, match=r"stages.first.text: this machine cannot echo that"):
+        runner.execute(prep, say=lambda line: None)
+    assert not any(tmp_path.iterdir())           # nothing written: no run record, no output dir
