@@ -84,10 +84,10 @@ class ParallelSpec:
         """Layouts that validate and plan, but that the training loop cannot run yet."""
         if self.pipeline_parallel > 1:
             return ("pipeline parallelism (pipeline_parallel > 1) is not built into the training "
-                    "loop yet; it plans, but cannot run")
+                    "loop yet (issue 13); it plans, but cannot run")
         if self.context_parallel > 1:
             return ("context parallelism (context_parallel > 1) is not built into the training loop "
-                    "yet (it needs ring attention, tested on a GPU); it plans, but cannot run")
+                    "yet (issue 13; it needs ring attention, tested on a GPU); it plans, but cannot run")
         return ""
 
 
