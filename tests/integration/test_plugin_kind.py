@@ -50,3 +50,29 @@ def test_its_checks_and_preflight_run_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.first.text: this machine cannot echo that"):
         runner.execute(prep, say=lambda line: None)
     assert not any(tmp_path.iterdir())           # nothing written: no run record, no output dir
+
+
+def test_a_run_builds_and_plans_once_and_asks_mlflow_once_per_cached_stage(tmp_path, prefect_server,
+                                                                          monkeypatch):
+    """The flow and its tasks reuse the DAG and plan `forge run` made (they rebuilt it N+2 times,
+    each reading every artifact.json); a cached stage is looked up in MLflow once per run (the
+    end-of-run sync asked again about stages the run had just recorded)."""
+    import flows.pipeline
+    import flows.runs
+    from flows.tracking.lineage import Lineage
+    runner.execute(runner.prepare_dag(pipeline(tmp_path)), say=lambda line: None)
+
+    calls = {"build": 0, "plan": 0, "producer": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(flows.runs, "build", counting("build", flows.runs.build))
+    monkeypatch.setattr(flows.pipeline, "make_plan", counting("plan", flows.pipeline.make_plan))
+    monkeypatch.setattr(Lineage, "producer", counting("producer", Lineage.producer))
+    prep = runner.prepare_dag(pipeline(tmp_path))
+    result = runner.execute(prep, say=lambda line: None)
+    assert not any(r["executed"] for r in result["stages"].values())
+    assert calls == {"build": 0, "plan": 0, "producer": 2}, calls   # one lookup per cached stage
