@@ -22,6 +22,7 @@ which restore CUDA autocast only), the FP8 rows say "needs a GPU", and the peak 
 figure (fp32, one thread).
 On a GPU without Transformer Engine the bf16 row runs Megatron's local layer spec (--spec auto),
 marked "local": not the path a cuda stage trains with, which needs TE.
+It exits 1 when a precision raised or none was measured, after the table (and --json) is written.
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def print_table(rows: list[dict], base: str, device: str) -> None:
         local = device == "cuda" and r.get("spec") == "local"
         label = r["recipe"] + ("*" if local else "")
         if "skipped" in r:
-            print(f"{label:<12}  skipped: {r['skipped']}")
+            print(f"{label:<12}  {'' if r.get('failed') else 'skipped: '}{r['skipped']}")
             continue
         fp8 = "-" if r["mfu_fp8_peak"] is None else f"{r['mfu_fp8_peak']:.1%}"
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}G"
@@ -200,8 +201,9 @@ def main() -> None:
                                     warmup=args.warmup, lr=args.lr, seed=args.seed, use_te=use_te)
             except Exception as e:  # one recipe failing must not lose the others' figures
                 traceback.print_exc()
-                rows.append({"recipe": name, "skipped": f"FAILED: {type(e).__name__}: "
-                                                       f"{str(e).splitlines()[0] if str(e) else ''}"})
+                rows.append({"recipe": name, "failed": True,
+                             "skipped": f"FAILED: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}"})
                 continue
             rows.append(row_of(run, fpt, bf16_peak, fp8_peak))
             print(f"[{name}] {run.tokens_per_s:.0f} tok/s, loss {run.losses[0]:.3f} -> "
@@ -217,10 +219,24 @@ def main() -> None:
     if fp8:
         print(f"FP8 / {base['recipe']} tokens/s, same run: "
               + ", ".join(f"{r['recipe']} {r['vs_bf16']:.2f}x" for r in fp8))
+    why = failure(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(info | {"rows": rows}, indent=1))
+        args.json.write_text(json.dumps(info | {"rows": rows, "failure": why}, indent=1))
         print(f"wrote {args.json}")
+    if why:
+        raise SystemExit(f"mfu.py: {why}")
+
+
+def failure(rows: list[dict]) -> str:
+    """Why the run must exit non-zero ("" when it need not): a precision that raised, or none
+    measured at all. Rows skipped for a stated reason (no FP8 on this GPU) are not failures."""
+    failed = [r["recipe"] for r in rows if r.get("failed")]
+    if failed:
+        return f"{', '.join(failed)} failed (the traceback is above)"
+    if not any("skipped" not in r for r in rows):
+        return "no precision was measured (every row was skipped; the table says why)"
+    return ""
 
 
 if __name__ == "__main__":

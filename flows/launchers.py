@@ -44,6 +44,9 @@ def settings_env(cluster: Any) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if cluster.threads_per_worker > 1:
         env["OMP_WAIT_POLICY"] = "PASSIVE"  # spin-waiting threads make 2 threads slower than 1
+    if cluster.device == "cpu":
+        # a CPU cluster on a GPU machine: the CPU shim refuses to run where CUDA is visible
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -10,7 +10,7 @@ parent's with ``rope_theta`` and ``max_position_embeddings`` replaced (``run_mod
   short-context sources (``mixture``), packed to ``seq_length``;
 - with ``document_mask`` (default) each packed sample gets a block-diagonal causal mask, so no
   token attends across a document boundary (CPU backend; on GPU this needs THD packing, not
-  wired yet, and the worker says so);
+  built yet, so a GPU cluster with ``document_mask: true`` is refused at validation);
 - context parallelism comes from the cluster config or the stage's ``parallel``; it validates and
   plans, but the training loop does not split sequences yet (the stage shows as blocked).
 
@@ -23,15 +23,15 @@ import dataclasses
 from typing import Any, ClassVar
 
 from stages.base import StageGraph
-from stages.schema import ConfigError, param
+from stages.schema import ConfigError, configclass, param
 from stages.specs import ModelSpec, shape_differences, with_context
 from stages.training.pretrain import Pretrain, PretrainConfig
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@configclass
 class ExtendContextConfig(PretrainConfig):
     from_: str = param(doc="model stage to extend (pretrain, extend_context or merge)")
-    rope_theta: float = param(doc="raised RoPE base for the new length")
+    rope_theta: float = param(doc="raised RoPE base for the new length", gt=0)
     document_mask: bool = param(True, "attend within each packed document only (CPU backend)")
 
     carries_optimizer: ClassVar[bool] = False
@@ -40,10 +40,6 @@ class ExtendContextConfig(PretrainConfig):
     def run_model(self) -> ModelSpec:
         return with_context(self.model, self.seq_length, self.rope_theta)
 
-    def __post_init__(self) -> None:
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta: must be > 0, got {self.rope_theta}")
-        super().__post_init__()
 
 
 class ExtendContext(Pretrain):
@@ -67,4 +63,10 @@ class ExtendContext(Pretrain):
             raise ConfigError(f"stages.{stage}.rope_theta: {config.rope_theta:g} is below the theta "
                               f"of parent {config.from_!r} ({parent_theta:g}); raise it (or keep it) "
                               "for a longer context")
+        if config.document_mask and cluster.device == "cuda":
+            # the GPU path would silently attend across documents under a key that says it does not
+            raise ConfigError(f"stages.{stage}.document_mask: document masking is built for the CPU "
+                              "backend only; on GPUs (cluster.device=cuda) it needs THD packing, "
+                              "which is not built yet, and packed documents would attend across "
+                              f"their boundaries; set stages.{stage}.document_mask=false on GPUs")
         super().check(dataclasses.replace(config, from_=None), stage, graph, cluster)

@@ -2,7 +2,8 @@
 
 Build order (one function, ``train_phase``): distributed + model-parallel state (gloo on CPU, NCCL
 on GPU; a world of one when not under torchrun) -> threads and seeds -> model (``model.py``) ->
-AdamW (+ Megatron DDP when DP > 1) -> start state -> data (``mixture.py``) -> steps -> final
+AdamW (+ Megatron DDP when DP > 1; on GPU with ``distributed_optimizer``, DDP then Megatron's
+distributed optimizer) -> start state -> data (``mixture.py``) -> steps -> final
 checkpoint -> held-out loss -> artifact.
 
 Start state, in order of precedence:
@@ -52,7 +53,8 @@ from stages.training import checkpoint as ckpt  # noqa: E402
 from stages.training.model import build_model, causal_mask, padded_vocab_size  # noqa: E402
 from stages.training.preemption import Preempted, StopSignals  # noqa: E402
 from stages.training.schedules import lr_at  # noqa: E402
-from stages.training.step import Env, heldout_losses, make_optimizer, train_step  # noqa: E402
+from stages.training.step import (Env, heldout_losses, make_distributed_optimizer,  # noqa: E402
+                                  make_optimizer, train_step)
 
 # Megatron's import-time notices about optional GPU packages say nothing useful in a CPU worker log.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
@@ -254,6 +256,15 @@ def save_failure(out_dir: Path, stage: str, step: int, error: Exception) -> str:
             + "free space (or fix the cause) and run the stage again to resume.")
 
 
+def data_parallel(model, sharded: bool):
+    """Megatron's DDP: gradients in fp32 buffers, all-reduced over DP (reduce-scattered to each
+    rank's shard for the distributed optimizer, which then all-gathers the updated weights)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    return DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        overlap_grad_reduce=False, use_distributed_optimizer=sharded, grad_reduce_in_fp32=True),
+        model)
+
+
 def train_phase(config, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> Artifact:
     """Train one phase (see the module docstring); every rank calls it, rank 0's artifact counts."""
     from stages.training.precision import require_fp8_runtime
@@ -282,20 +293,22 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
     mbs = config.micro_batch_size or local
     if local % mbs:
         raise RuntimeError(f"micro_batch_size {mbs} does not divide the per-rank batch {local}")
-    model = build_model(config.run_model, config.precision, device=env.device, tensor_parallel=env.tp)
-    optimizer = make_optimizer(model, config)
+    cluster = ctx.cluster   # the stage's layout; recompute and the distributed optimizer: GPU only
+    model = build_model(config.run_model, config.precision, device=env.device, tensor_parallel=env.tp,
+                        recompute=cluster.recompute)
+    # Megatron's distributed optimizer lives on DDP's buffers, so DDP comes first, then the start
+    # state loads into both; with one DP rank there is nothing to shard: plain AdamW.
+    sharded = cluster.distributed_optimizer and env.dp > 1
+    ddp = data_parallel(model, sharded) if sharded else None
+    optimizer = make_distributed_optimizer(ddp, config) if sharded else make_optimizer(model, config)
     state = start_state(config, inputs, out_dir, model, optimizer, env, stage)
-    ddp = None
-    if env.dp > 1:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-            overlap_grad_reduce=False, use_distributed_optimizer=False, grad_reduce_in_fp32=True),
-            model)
+    if ddp is None and env.dp > 1:
+        ddp = data_parallel(model, False)
     net = ddp or model
-    document_mask = config.document_mask and env.device == "cpu"
-    if config.document_mask and not document_mask:  # TE wants THD packing for this: not wired yet
-        say(env, f"[{stage}] note: document masking is built for the CPU backend only; on "
-                 f"{env.device} packed documents attend across their boundaries")
+    document_mask = config.document_mask
+    if document_mask and env.device != "cpu":  # validation refuses it: never train under a false key
+        raise RuntimeError(f"[{stage}] document_mask is built for the CPU backend only (on "
+                           f"{env.device} it needs THD packing); set document_mask=false")
     dataset, eod_id, heldout = phase_data(config, inputs, out_dir, document_mask)
     mask = causal_mask(seq, env.device)
     startup_s = time.time() - t_start

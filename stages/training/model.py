@@ -8,6 +8,9 @@ dropout 0. The mapping onto Megatron-core 0.16:
   ``init_std``; every CUDA-only fusion stays off on CPU (FACTS.md).
 - ``GPTModel``: ``position_embedding_type="rope"``, ``rotary_base=rope_theta``,
   ``share_embeddings_and_output_weights=tied_embeddings``, ``rotary_interleaved=False`` (HF layout).
+- Granite's multipliers: ``attention_multiplier`` is ``TransformerConfig.softmax_scale``; the
+  embedding, residual and logits multipliers are forward hooks (``add_granite_multipliers``), so
+  the model computes what transformers' ``GraniteForCausalLM`` does.
 - Layer spec: Megatron's local spec (pure torch modules) on CPU; the Transformer Engine spec on
   GPU (needed for FP8). Asking for TE where it cannot be imported raises ``RuntimeError`` saying
   how to fix it.
@@ -25,6 +28,7 @@ reshards between TP sizes); ``padded_vocab_size`` says by how much.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +89,16 @@ def fp8_unsupported(recipe: str) -> str:
     return "" if ok else f"not on this GPU: {reason or 'Transformer Engine says unsupported'}"
 
 
+# cluster.recompute -> TransformerConfig: selective reruns the attention core, full every layer
+# (one at a time, keeping only its input). Megatron's recompute needs CUDA's RNG: GPU only.
+RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective",
+                                           recompute_modules=["core_attn"]),
+             "full": dict(recompute_granularity="full", recompute_method="uniform",
+                          recompute_num_layers=1)}
+
+
 def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
-                       tensor_parallel: int = 1):
+                       tensor_parallel: int = 1, recompute: str = "none"):
     """The Megatron ``TransformerConfig`` of a Granite-shaped dense decoder."""
     from megatron.core.transformer.transformer_config import TransformerConfig
     fp8 = {}
@@ -113,6 +125,9 @@ def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=spec.init_std,
+        # Granite's attention_multiplier replaces 1/sqrt(kv_channels) outright (not on top of it);
+        # None keeps Megatron's own default, which is exactly 1/sqrt(kv_channels).
+        softmax_scale=spec.attention_multiplier,
         tensor_model_parallel_size=tensor_parallel,
         sequence_parallel=False,
         params_dtype=torch.float32,
@@ -127,6 +142,7 @@ def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str
         masked_softmax_fusion=False,
         cross_entropy_loss_fusion=False,
         **fp8,
+        **RECOMPUTE[recompute],
     )
 
 
@@ -139,22 +155,25 @@ def layer_spec(use_te: bool):
         raise RuntimeError("the Transformer Engine layer spec was asked for, but transformer_engine "
                            "cannot be imported here; install the GPU extra "
                            "(pip install 'granite-forge[gpu]', or use the worker image) on a CUDA "
-                           "machine, or train on CPU (cluster.device=cpu, precision.fp8=none)")
+                           "machine, set FORGE_LAYER_SPEC=local for bf16 on Megatron's local spec, "
+                           "or train on CPU (cluster.device=cpu, precision.fp8=none)")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 
 def build_model(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
-                tensor_parallel: int = 1, use_te: bool | None = None):
+                tensor_parallel: int = 1, use_te: bool | None = None, recompute: str = "none"):
     """A ``GPTModel`` on ``device`` (model-parallel state must be initialised first).
 
-    ``use_te`` defaults to True on cuda and False on cpu. Initialisation on CPU draws from the
-    default torch generator (seed it first); the full weight is drawn and then split, so TP=1 and
-    TP=2 start from the same weights.
+    ``use_te`` defaults to True on cuda (False with ``FORGE_LAYER_SPEC=local``) and False on cpu.
+    Initialisation on CPU draws from the default torch generator (seed it first); the full weight
+    is drawn and then split, so TP=1 and TP=2 start from the same weights.
     """
     from megatron.core.models.gpt import GPTModel
     if use_te is None:
-        use_te = device == "cuda"
-    config = transformer_config(spec, precision, device=device, tensor_parallel=tensor_parallel)
+        # FORGE_LAYER_SPEC=local: bf16 on the local spec where a GPU lacks TE (tests/gpu/run_all.sh)
+        use_te = device == "cuda" and os.environ.get("FORGE_LAYER_SPEC") != "local"
+    config = transformer_config(spec, precision, device=device, tensor_parallel=tensor_parallel,
+                                recompute=recompute)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_te),
@@ -170,7 +189,54 @@ def build_model(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
         # FACTS.md: Megatron's default is rotary_interleaved=False (the HF layout); say it.
     )
     assert not config.rotary_interleaved
+    add_granite_multipliers(model, spec)
     return model.to(device)
+
+
+def _scale_output(factor: float, *, divide: bool = False):
+    """A forward hook that scales a module's output (a tensor, or Megatron's ``(tensor, bias)``)
+    as transformers' Granite does: ``x * factor``, or ``x / factor`` for the logits."""
+    def scale(x):
+        return None if x is None else (x / factor if divide else x * factor)
+
+    def hook(module, args, output):  # noqa: ARG001 - the signature torch calls hooks with
+        if isinstance(output, tuple):
+            return (scale(output[0]), scale(output[1]), *output[2:])
+        return scale(output)
+    return hook
+
+
+def add_granite_multipliers(model, spec: ModelSpec) -> None:
+    """Granite's embedding, residual and logits multipliers, as forward hooks on ``model``.
+
+    Megatron-core has no option for them (its only one, ``softmax_scale``, carries
+    attention_multiplier). Each hook scales one module's output elementwise, in the operation
+    transformers' ``GraniteForCausalLM`` uses, so both compute the same:
+
+    - ``embedding`` (token embeddings): ``* embedding_multiplier``; the tied output layer reads the
+      weight itself, unscaled, as in transformers;
+    - each layer's ``self_attention`` and ``mlp`` (output of the row-parallel projection, before
+      the bias-dropout-add joins it to the residual stream): ``* residual_multiplier``;
+    - ``output_layer``: logits ``/ logits_scaling``.
+
+    Under tensor parallelism each of these outputs is either whole on every rank (after the
+    all-reduce) or split along the sequence (sequence parallel) or vocabulary (parallel logits),
+    and an elementwise scale is right on any split; gradients flow through the hooks. No parameter
+    or buffer is added, so checkpoints are unchanged and a model built from the same spec reloads
+    them. A multiplier of 1.0 adds no hook: the plain model stays bit-identical. (Megatron's
+    ``inference_fuse_tp_communication``, which adds the residual inside fc2, must stay off.)
+    """
+    hooks = []
+    if spec.embedding_multiplier != 1.0:
+        hooks.append((model.embedding, _scale_output(spec.embedding_multiplier)))
+    if spec.residual_multiplier != 1.0:
+        for layer in model.decoder.layers:
+            hooks += [(layer.self_attention, _scale_output(spec.residual_multiplier)),
+                      (layer.mlp, _scale_output(spec.residual_multiplier))]
+    if spec.logits_scaling != 1.0:
+        hooks.append((model.output_layer, _scale_output(spec.logits_scaling, divide=True)))
+    for module, hook in hooks:
+        module.register_forward_hook(hook)
 
 
 def causal_mask(seq_length: int, device: str) -> torch.Tensor | None:

@@ -79,6 +79,20 @@ def test_torchrun_refuses_a_layout_larger_than_one_node():
         check_available(c)
 
 
+def test_cpu_cluster_workers_hide_the_gpus(monkeypatch):
+    """The CPU shim refuses to run where CUDA is visible: on a GPU machine, the workers of a CPU
+    cluster get CUDA_VISIBLE_DEVICES="" (over the caller's own); a cuda cluster's keep it."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    for name in ("cpu", "cpu-dp2", "cpu-tp2"):
+        assert worker_env(cluster(f"cluster={name}"))["CUDA_VISIBLE_DEVICES"] == "", name
+    assert worker_env(cluster("cluster=gpu-node"))["CUDA_VISIBLE_DEVICES"] == "0,1"
+    cpu_pods = cluster("cluster=k8s", "cluster.device=cpu", "cluster.accelerator=cpu")
+    container = kubernetes_manifest("torchrun", cpu_pods, spec_in(Path("/store")))[
+        "items"][-1]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "CUDA_VISIBLE_DEVICES", "value": ""} in container["env"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
 # --- Slurm ------------------------------------------------------------------------------------
 
 def test_slurm_command_takes_four_nodes_and_meets_on_the_first(tmp_path):
@@ -330,7 +344,10 @@ def test_moving_to_another_cluster_changes_no_stage_key(tmp_path):
     Kubernetes (same layout) reuses every finished stage."""
     layouts = (["cluster=gpu-node"], ["cluster=slurm", "cluster.data_parallel=4"],
                ["cluster=k8s", "cluster.data_parallel=4", "cluster.kubernetes.shm_gib=8"])
-    keys = [{n: node.key for n, node in build(config_mod.load([*o, f"store={tmp_path}"])).nodes.items()}
+    # GPU clusters refuse document masking (no THD packing yet)
+    on_gpus = [f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)]
+    keys = [{n: node.key for n, node in
+             build(config_mod.load([*o, *on_gpus, f"store={tmp_path}"])).nodes.items()}
             for o in layouts]
     assert keys[0] == keys[1] == keys[2]
 

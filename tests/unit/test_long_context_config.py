@@ -109,3 +109,19 @@ def test_a_dict_override_replaces_the_yaml_dict():
     dag = dag_for("stages.extend-1.mixture={long: 50.0, web: 50.0}")
     assert dag.nodes["extend-1"].config.mixture == {"long": 50.0, "web": 50.0}
     assert dag.nodes["extend-2"].config.mixture["technical"] == 10.0  # others keep the YAML's
+
+
+def test_document_mask_on_gpus_is_refused_before_compute(capsys, tmp_path, monkeypatch):
+    """On GPUs the mask would silently become cross-document attention (no THD packing yet) under
+    a key that says document_mask: true: `forge plan` refuses it, and its fix plans."""
+    from flows import cli
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    assert cli.main(["plan", "cluster=gpu-node"]) == 2
+    err = capsys.readouterr().err
+    assert ("stages.extend-1.document_mask: document masking is built for the CPU backend only; "
+            "on GPUs (cluster.device=cuda) it needs THD packing") in err
+    assert "set stages.extend-1.document_mask=false on GPUs" in err
+    fix = [f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)]
+    assert cli.main(["plan", "cluster=gpu-node", *fix]) == 0, capsys.readouterr().err
+    assert dag_for().nodes["extend-1"].config.document_mask  # the CPU backend keeps it
+    assert not (tmp_path / "store").exists()
