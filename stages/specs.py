@@ -27,19 +27,22 @@ class ModelSpec:
     layernorm_epsilon: float = param(1e-5, "RMSNorm epsilon", gt=0)
     tied_embeddings: bool = param(True, "share input and output embeddings")
     init_std: float = param(0.02, "weight init std", gt=0)
-    # Granite's scaling multipliers; 1.0 each means a plain decoder (what Megatron computes).
-    embedding_multiplier: float = param(1.0, "Granite embedding multiplier")
-    residual_multiplier: float = param(1.0, "Granite residual multiplier")
-    logits_scaling: float = param(1.0, "Granite logits scaling")
+    # Granite's muP multipliers (what transformers' GraniteForCausalLM computes): token embeddings
+    # times embedding_multiplier; each attention and MLP output times residual_multiplier before
+    # it joins the residual stream; attention scores times attention_multiplier instead of
+    # 1/sqrt(kv_channels); logits divided by logits_scaling. 1.0 and None: a plain decoder.
+    embedding_multiplier: float = param(1.0, "Granite embedding multiplier", gt=0)
+    residual_multiplier: float = param(1.0, "Granite residual multiplier", gt=0)
+    logits_scaling: float = param(1.0, "Granite logits scaling (logits are divided by it)", gt=0)
+    # Added after stages were run: keyed only when set, so every earlier stage key stays valid.
+    attention_multiplier: float | None = param(
+        None, "Granite attention score scale; None: 1/sqrt(kv_channels)", gt=0, keyed_if_set=True)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_query_groups: {self.num_query_groups} does not divide "
                 f"num_attention_heads={self.num_attention_heads}; pick a divisor")
-        if (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0):
-            raise ConfigError("embedding_multiplier: only 1.0 "
-                              "is supported by the Megatron-core model (a plain decoder); set them to 1.0")
 
     def num_parameters(self) -> int:
         """Parameter count (tied embeddings counted once, norms included)."""
@@ -79,9 +82,10 @@ CONTEXT_FIELDS = ("rope_theta", "max_position_embeddings")
 def shape_differences(a: ModelSpec, b: ModelSpec) -> list[str]:
     """Identity fields (other than theta and max positions) on which two specs differ."""
     from stages.schema import identity_dict
-    da, db = identity_dict(a), identity_dict(b)
-    return [f"{k}: {da[k]} vs {db.get(k)}" for k in da
-            if k not in CONTEXT_FIELDS and da[k] != db.get(k)]
+    # Both sides' keys: a field keyed only when set (attention_multiplier) is absent at its default.
+    keys = {**identity_dict(a), **identity_dict(b)}
+    return [f"{k}: {getattr(a, k)} vs {getattr(b, k)}" for k in keys
+            if k not in CONTEXT_FIELDS and getattr(a, k) != getattr(b, k)]
 
 
 def with_context(spec: ModelSpec, seq_length: int, rope_theta: float) -> ModelSpec:

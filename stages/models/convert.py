@@ -33,8 +33,9 @@ The mapping (FACTS.md, "Megatron <-> Hugging Face conversion"):
 - the norms live in the checkpoint as ``linear_qkv.layer_norm_weight`` (input norm) and
   ``linear_fc1.layer_norm_weight`` (post-attention norm);
 - tied embeddings: no ``lm_head.weight`` and ``tie_word_embeddings=True``;
-- Granite's ``attention_multiplier`` is 1/sqrt(head_dim), its other multipliers 1.0, and
-  ``rms_norm_eps`` is Megatron's ``layernorm_epsilon``.
+- Granite's four multipliers are the spec's (``embedding_multiplier``, ``residual_multiplier``,
+  ``logits_scaling``; ``attention_multiplier``, written as 1/sqrt(head_dim) when the spec has
+  none), and ``rms_norm_eps`` is Megatron's ``layernorm_epsilon``.
 """
 from __future__ import annotations
 
@@ -115,15 +116,17 @@ def granite_config(spec: ModelSpec, **token_ids):
         tie_word_embeddings=spec.tied_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_theta)},
         attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-        # Granite scales scores by attention_multiplier instead of 1/sqrt(head_dim).
-        attention_multiplier=1.0 / math.sqrt(spec.kv_channels),
+        # Granite scales scores by attention_multiplier instead of 1/sqrt(head_dim); a spec without
+        # one is a plain model, whose scale is 1/sqrt(head_dim) (Megatron's default).
+        attention_multiplier=(1.0 / math.sqrt(spec.kv_channels) if spec.attention_multiplier is None
+                              else spec.attention_multiplier),
         embedding_multiplier=spec.embedding_multiplier, residual_multiplier=spec.residual_multiplier,
         logits_scaling=spec.logits_scaling, architectures=["GraniteForCausalLM"], **token_ids)
 
 
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
-    """The ``ModelSpec`` of a Granite (or Llama-shaped) ``config.json``; refuses what Megatron's
-    plain decoder cannot compute."""
+    """The ``ModelSpec`` of a Granite (or Llama-shaped) ``config.json``, Granite's multipliers
+    included; refuses what the Megatron model cannot compute."""
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope = cfg.get("rope_parameters") or {}
@@ -135,9 +138,6 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
         problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu')")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         problems.append("biases")
-    attn = cfg.get("attention_multiplier", 1.0 / math.sqrt(head_dim))
-    if not math.isclose(attn, 1.0 / math.sqrt(head_dim), rel_tol=1e-6):
-        problems.append(f"attention_multiplier={attn} (only 1/sqrt(head_dim))")
     if problems:
         raise ValueError("hf_to_megatron: the Megatron model cannot represent " + ", ".join(problems))
     return ModelSpec(
@@ -147,9 +147,25 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
         max_position_embeddings=cfg["max_position_embeddings"], rope_theta=float(theta),
         layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=cfg.get("initializer_range", 0.02),
-        # ModelSpec refuses anything but 1.0 for these, saying why.
-        **{k: cfg.get(k, 1.0) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")})
+        init_std=cfg.get("initializer_range", 0.02), **_multipliers(cfg, head_dim))
+
+
+GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling",
+                       "attention_multiplier")
+
+
+def _multipliers(cfg: dict, head_dim: int) -> dict:
+    """The spec's multipliers for what transformers computes from ``cfg``. GraniteConfig defaults
+    each to 1.0 (attention_multiplier too: a Granite config without it scales scores by 1.0, not
+    by 1/sqrt(head_dim)); other model types (Llama) have none, i.e. a plain decoder."""
+    if cfg.get("model_type", "granite") != "granite":
+        return {}
+    out = {k: float(cfg.get(k, 1.0)) for k in GRANITE_MULTIPLIERS}
+    # Exactly 1/sqrt(head_dim) (what megatron_to_hf writes for a plain spec) is the plain model's
+    # scale: no attention_multiplier, so a plain spec converts back to itself and keeps its key.
+    if out["attention_multiplier"] == 1.0 / math.sqrt(head_dim):
+        out["attention_multiplier"] = None
+    return out
 
 
 def _save_tokenizer(tokenizer_json: Path, out_dir: Path) -> dict:

@@ -142,7 +142,7 @@ CASES = [
     # --- unknown fields: typos name the field and list the known ones (YAML names: `from`)
     case("schedule-typo", ["stages.pretrain-1.schedule.lrr=0.1"], "stages.pretrain-1.schedule.lrr",
          "Known fields: decay_fraction"),
-    case("model-typo", ["model.hidden_sise=64"], "model.hidden_sise", "Known fields: embedding_multiplier"),
+    case("model-typo", ["model.hidden_sise=64"], "model.hidden_sise", "Known fields: attention_multiplier"),
     case("cluster-typo", ["cluster.tensor_paralel=2"], "cluster.tensor_paralel", "Known fields: accelerator"),
     case("tracking-typo", ["tracking.experiement=x"], "tracking.experiement", "Known fields: experiment, uri"),
     case("source-typo", ["stages.data.sources.web.document=10"], "stages.data.sources.web.document",
