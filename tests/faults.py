@@ -7,8 +7,10 @@ A ``Lab`` holds a synthetic tokenized corpus and an uninterrupted reference run 
 in a session of its own, as flows/launch.py starts it; torchrun where it says so), injects one
 fault at a moment drawn from a seeded RNG, runs the stage again unchanged, and judges it:
 
-- recovered: the rerun exits 0 and its final weights, AdamW moments and every step's loss equal
-  the reference's bit for bit;
+- recovered: the rerun exits 0 and its final checkpoint and curve equal the reference's bit for
+  bit (``tests/support/final_state.py``): every weight and AdamW moment, the train state (steps,
+  consumed samples, tokens, AdamW's step counter), every rank's RNG state, and every line of
+  metrics.jsonl (each step once; all values but the wall-clock ones);
 - lost: work or data is gone or damage was used: the rerun resumed from an older checkpoint than
   the newest complete one the fault left, that one fails its checksums, or a checkpoint the
   fault damaged was loaded;
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.integration.test_pretrain_worker import CONFIG_A, GBS, SEQ, make_tokenized, write_spec
+from tests.support.final_state import FinalState, differences, final_state
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = "pretrain-a"
@@ -68,6 +71,7 @@ class Trial:
     fault: str
     detail: str = ""          # where the fault landed, what was done
     recovered: bool = False   # the rerun equals the reference bit for bit
+    differs: str = ""         # how it does not ("" = it does, or it was not compared)
     lost: str = ""            # what was lost or wrongly used ("" = nothing)
     unmet: str = ""           # which fault-specific promise failed ("" = all held)
     redone: int = 0           # steps trained twice
@@ -79,13 +83,19 @@ class Trial:
     def lose(self, what: str) -> None:
         self.lost = f"{self.lost}; {what}" if self.lost else what
 
+    def compare(self, out: Path, reference: FinalState) -> None:
+        """``recovered``: the final state of ``out`` equals ``reference``'s bit for bit."""
+        diffs = differences(final_state(out), reference)
+        self.recovered, self.differs = not diffs, "; ".join(diffs)
+
     @property
     def ok(self) -> bool:
         return self.recovered and not self.lost and not self.unmet
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAILED: " + "; ".join(
-            x for x in (self.lost, self.unmet, "" if self.recovered else "not recovered") if x)
+            x for x in (self.lost, self.unmet, "" if self.recovered else
+                        f"not recovered ({self.differs})" if self.differs else "not recovered") if x)
         return f"{self.fault}: {self.detail}; redone {self.redone}; {self.seconds:.0f}s; {verdict}"
 
 
@@ -217,17 +227,6 @@ def last_step(log: str) -> int:
     return max(steps, default=0)
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def final_tensors(out: Path) -> dict:
-    from stages.base import read_artifact
-    from stages.training.checkpoint import load_tensors
-    return load_tensors(out / read_artifact(out).outputs["checkpoint"])
-
-
 def leftovers(out: Path) -> list[str]:
     """Entries of checkpoints/ other than complete, verified checkpoints (and rejected ones)."""
     root = out / "checkpoints"
@@ -255,10 +254,10 @@ class Lab:
                                  for s in range(EVERY, STEPS + 1, EVERY)])
         self.step_s = np.median([stamps[f"{s + 1}/{STEPS}"] - stamps[f"{s}/{STEPS}"]
                                  for s in range(1, STEPS) if s % EVERY])
-        self.ref_losses, self.ref_tensors = losses(self.reference), final_tensors(self.reference)
+        self.ref = final_state(self.reference)
         self.log(f"reference: {STEPS} steps in {time.time() - t0:.0f}s; a step "
                  f"{1000 * self.step_s:.0f} ms (saves excluded), a save {1000 * self.save_s:.0f} ms")
-        self._dp2: tuple[dict, dict] | None = None
+        self._dp2: FinalState | None = None
 
     def fresh(self, name: str, config: dict | None = None, cluster: dict | None = None,
               under: Path | None = None) -> Path:
@@ -276,7 +275,7 @@ class Lab:
         return int(self.rng.integers(0, STEPS)), float(self.rng.uniform(0, 2 * self.step_s))
 
     def rerun(self, out: Path, trial: Trial, expect_from: int | None, nproc: int = 1,
-              reference: tuple[dict, dict] | None = None) -> str:
+              reference: FinalState | None = None) -> str:
         """Run the stage again; judge recovery against the reference and the resume point."""
         again = worker(out / "spec.json", nproc)
         code = self.finish(again, trial)
@@ -286,10 +285,7 @@ class Lab:
         start = resumed_from(again.log)
         if expect_from is not None and start != expect_from:
             trial.lose(f"resumed from step {start}, the newest complete checkpoint was step {expect_from}")
-        ref_losses, ref_tensors = reference or (self.ref_losses, self.ref_tensors)
-        got = final_tensors(out)
-        trial.recovered = _equal(got, ref_tensors) and losses(out) == ref_losses and \
-            any(k.startswith("optimizer.") for k in got)
+        trial.compare(out, reference or self.ref)
         if extra := leftovers(out):
             trial.miss(f"left in checkpoints/: {extra}")
         return again.log
@@ -388,8 +384,7 @@ class Lab:
         if self.finish(again, trial) != 0:
             trial.miss(f"rerun failed: {again.log[-1500:]}")
         else:
-            trial.recovered = losses(out) == self.ref_losses and \
-                _equal(final_tensors(out), self.ref_tensors)
+            trial.compare(out, self.ref)
             if resumed_from((out / "worker.log").read_text().split("\n--- ")[-1]) != stopped:
                 trial.lose("the rerun did not resume at the step it stopped at")
         trial.redone = max(0, last_step(log) - stopped)
@@ -406,7 +401,7 @@ class Lab:
             ref = self.fresh("reference-dp2", cluster=cluster)
             run = worker(ref / "spec.json", nproc=2)
             assert run.finish() == 0, run.log[-3000:]
-            self._dp2 = (losses(ref), final_tensors(ref))
+            self._dp2 = final_state(ref)
         out = self.fresh("one-rank", cluster=cluster)
         step, delay = self.moment(False)
         step = max(step, 1)
@@ -526,10 +521,6 @@ class Lab:
                 subprocess.run(["umount", str(mount)], capture_output=True)
         trial.seconds = time.time() - t0
         return trial
-
-
-def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def fill(mount: Path, leave: int) -> None:

@@ -85,9 +85,11 @@ def prefect_restart_trial(work: Path) -> Trial:
 
 
 def mlflow_outage_trial(work: Path, prefect_url: str) -> Trial:
-    """Stop the MLflow server mid-pretrain-1, start it again once pretrain-2 has started."""
+    """Stop the MLflow server mid-pretrain-1, start it again once pretrain-2 has started. Afterwards
+    every stage has a finished run, and each run's metrics equal what its output dir holds: every
+    key, every step of each key's history, every value (``mlflow_gaps``)."""
     from mlflow import MlflowClient
-    from flows import ui
+    from flows.tracking import ui
     t0, trial = time.time(), Trial("MLflow outage")
     backend, store = work / "mlflow", work / "store"
     backend.mkdir(parents=True)
@@ -127,18 +129,20 @@ def mlflow_outage_trial(work: Path, prefect_url: str) -> Trial:
 
 
 def mlflow_gaps(client, store: Path, stages: list[str]) -> list[str]:
-    """What MLflow misses of what the store holds: finished stage runs under one pipeline run,
-    every loss line of metrics.jsonl, the logged models and their registry versions."""
+    """What MLflow misses of what the store holds: finished stage runs under one pipeline run;
+    every metric of every stage run equal to what its output dir holds (``metric_gaps``); the
+    logged models and their registry versions."""
     exp = client.get_experiment_by_name("granite-forge")
     runs = {r.data.tags["forge.stage"]: r for r in client.search_runs(
         [exp.experiment_id], "tags.`forge.stage` != ''") if r.info.status == "FINISHED"}
     gaps = [f"no finished MLflow run for {s}" for s in stages if s not in runs]
+    for stage in [s for s in stages if s in runs]:
+        outs = [d for d in store.glob(f"{stage}-*") if (d / "artifact.json").is_file()]
+        if len(outs) != 1:
+            gaps.append(f"{stage}: {len(outs)} complete output dirs to compare its metrics with")
+            continue
+        gaps += [f"{stage}: {g}" for g in metric_gaps(client, runs[stage].info.run_id, outs[0])]
     for stage in [s for s in stages if s.startswith("pretrain-") and s in runs]:
-        lines = [json.loads(l) for l in next(store.glob(f"{stage}-*/metrics.jsonl")).read_text()
-                 .splitlines() if '"loss"' in l]
-        history = client.get_metric_history(runs[stage].info.run_id, "loss")
-        if sorted(m.step for m in history) != sorted(int(l["step"]) for l in lines):
-            gaps.append(f"{stage}: {len(history)} of {len(lines)} loss steps in MLflow")
         models = client.search_logged_models([exp.experiment_id],
                                              filter_string=f"tags.`forge.stage` = '{stage}'")
         if [m.source_run_id for m in models] != [runs[stage].info.run_id]:
@@ -149,3 +153,56 @@ def mlflow_gaps(client, store: Path, stages: list[str]) -> list[str]:
     if len(parents) != 1 or None in parents:
         gaps.append(f"stage runs under {len(parents)} pipeline runs")
     return gaps
+
+
+def expected_metrics(out: Path) -> dict[str, list[tuple[int, float, int | None]]]:
+    """What a stage run's metrics must be, by key: (step, value, timestamp in ms) for every value
+    of every line of metrics.jsonl (its step, its ``time``), and the final metrics of artifact.json
+    at step 0 (timestamp: when they were sent, not on disk: None)."""
+    want: dict[str, list[tuple[int, float, int | None]]] = {}
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    for line in lines:
+        row = json.loads(line)
+        for key, value in row.items():
+            if key not in ("step", "time"):
+                want.setdefault(key, []).append((int(row["step"]), value, int(row["time"] * 1000)))
+    artifact = json.loads((out / "artifact.json").read_text())
+    for key, value in artifact.get("metrics", {}).items():
+        want.setdefault(key.replace("/", "."), []).append((0, value, None))
+    return want
+
+
+def metric_gaps(client, run_id: str, out: Path) -> list[str]:
+    """How the MLflow run's metrics differ from ``expected_metrics(out)``: every key on both sides,
+    and for each key its whole history, step by step: the same steps (none missing, none doubled),
+    the same values bit for bit, the timestamps of the metrics.jsonl lines."""
+    want = expected_metrics(out)
+    gaps = []
+    for key in sorted(set(want) | set(client.get_run(run_id).data.metrics)):
+        got = sorted(((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)),
+                     key=_step_and_bits)
+        exp = sorted(want.get(key, []), key=_step_and_bits)
+        if [_step_and_bits(m) for m in got] != [_step_and_bits(m) for m in exp]:
+            gaps.append(f"metric {key}: {_first_difference(got, exp)}")
+        elif any(t is not None and t != tg for (_, _, tg), (_, _, t) in zip(got, exp)):
+            gaps.append(f"metric {key}: timestamps differ from metrics.jsonl's")
+    return gaps
+
+
+def _step_and_bits(m: tuple) -> tuple[int, str]:
+    """(step, the value's exact bits): NaN equals NaN; a value that is no number stays unequal."""
+    step, value = m[0], m[1]
+    return step, float(value).hex() if isinstance(value, (int, float)) else f"not a number: {value!r}"
+
+
+def _first_difference(got: list[tuple], exp: list[tuple]) -> str:
+    steps_got, steps_exp = [m[0] for m in got], [m[0] for m in exp]
+    if steps_got != steps_exp:
+        return (f"{len(got)} values in MLflow, {len(exp)} on disk (steps missing "
+                f"{sorted(set(steps_exp) - set(steps_got))[:8]}, extra "
+                f"{sorted(set(steps_got) - set(steps_exp))[:8]}, doubled "
+                f"{sorted({s for s in steps_got if steps_got.count(s) > 1})[:8]})")
+    for g, e in zip(got, exp):
+        if _step_and_bits(g) != _step_and_bits(e):
+            return f"step {g[0]}: {g[1]!r} in MLflow, {e[1]!r} on disk"
+    return "differs"

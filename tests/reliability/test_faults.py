@@ -5,8 +5,10 @@ which runs many more trials and prints a table). Each test runs one or two trial
 (40 steps, a checkpoint every 5) at moments drawn from a seeded RNG, printed with the verdict:
 
 - SIGKILL of the worker, once inside a checkpoint write, once anywhere: the rerun resumes from
-  the newest complete checkpoint and ends bit-identical to an uninterrupted run (weights, AdamW
-  moments, every step's loss);
+  the newest complete checkpoint and ends bit-identical to an uninterrupted run: weights, AdamW
+  moments, the train state (steps, consumed samples, tokens, AdamW's step counter), every rank's
+  RNG state, and every line of metrics.jsonl (``tests/support/final_state.py``; every trial that
+  reruns is judged so);
 - SIGTERM to the worker's process group: it finishes the step, checkpoints it, exits 143, and the
   rerun starts at that very step; to one rank of a DP=2 world only: both ranks stop after the same
   step; to an orchestrator in ``flows.launch.run_worker``: passed on, nothing left running;

@@ -1,0 +1,1 @@
+"""Helpers shared by the reliability and integration tests (and benchmarks/faults.py)."""
