@@ -19,9 +19,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 MODEL = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
              kv_channels=16, ffn_hidden_size=176, vocab_size=300, max_position_embeddings=64)
 SEQ, LONG_SEQ, LONG_THETA = 64, 256, 1e6
-# What the README states (its "Conversion" item): HF logits equal Megatron's within 5e-7 in fp32,
-# also at 256 tokens with theta 1e6. Measured here: 2.4e-7 (64 tokens), 4.8e-7 (256, theta 1e6).
-LOGIT_TOLERANCE = 5e-7
+# What docs/long-context.md states ("Conversion"): HF logits equal Megatron's within 1e-6 in fp32,
+# also at 256 tokens with theta 1e6. Measured here: 2.4e-7 (64 tokens), 4.8e-7 = 2^-21 (256, theta
+# 1e6): one more rounding step on another CPU would double it, so the claim keeps that margin.
+LOGIT_TOLERANCE = 1e-6
 TEXT = "Granite 4.1 adds 12 + 30 = 42 tokens <|endoftext|> and pads with <|pad|>."
 
 
