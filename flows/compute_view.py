@@ -27,7 +27,8 @@ def format_compute(plans: dict[str, StagePlan]) -> str:
     first = next(iter(plans.values()))
     unit = "core" if first.accelerator == "cpu" else "GPU"
     head = (f"  {'stage':<12} {'params':>7} {'tokens':>7} {'FLOPs':>8} {unit + '-hours':>10} "
-            f"{'wall':>8} {'devs':>4}  {'layout':<16} {'mbs':>3}  {'per device: weights+grads+optim+acts':<44}"
+            f"{'wall':>8} {'devs':>4}  {'layout':<16} {'savers':<16} {'mbs':>3}  "
+            f"{'per device: weights+grads+optim+acts':<44}"
             f" {'fits':<4}")
     lines = [head]
     for p in plans.values():
@@ -38,14 +39,17 @@ def format_compute(plans: dict[str, StagePlan]) -> str:
                f"{p.usable_bytes / GIB:.0f} GiB")
         lines.append(f"  {p.stage:<12} {human(p.params):>7} {human(p.tokens):>7} "
                      f"{p.flops:>8.2g} {p.gpu_hours:>10.3g} {_duration(p.wall_hours):>8} {p.layout.world:>4}  "
-                     f"{p.layout.describe():<16} {p.layout.micro_batch:>3}  {mem:<44} "
+                     f"{p.layout.describe():<16} {p.layout.savers():<16} "
+                     f"{p.layout.micro_batch:>3}  {mem:<44} "
                      f"{'yes' if p.fits else 'NO'}")
     peak = "dense peak per device"
     lines.append(f"  {unit}-hours at MFU {first.mfu:g} of the {first.accelerator} {peak} "
                  f"({first.peak_tflops:g} TFLOP/s{', FP8 where a stage uses it' if unit == 'GPU' else ''}); "
                  "wall = hours / devices of the stage's layout")
-    lines.append("  memory: fp32 master weights + fp32 grads + AdamW (16 B/param, as the training loop "
-                 f"runs), activations without recompute; usable = 90% of the device")
+    lines.append("  memory: fp32 master weights + fp32 grads + AdamW moments, 16 B/param as the "
+                 "training loop runs them, 8 + 8/(DP x CP) with dist-opt (Megatron's distributed "
+                 "optimizer); activations per the stage's recompute (rc-full: layer inputs only, "
+                 "FLOPs column without the rerun, hours with it); usable = 90% of the device")
     return "\n".join(lines)
 
 

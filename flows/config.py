@@ -31,8 +31,8 @@ class TrackingSpec:
                               "(tracking.experiment=granite-forge)")
 
 
-GROUPS = ("pipeline", "model", "cluster", "tracking")   # config groups under conf/
-TOP_LEVEL = {"pipeline_name", "store", "cluster", "tracking", "stages", "model", "seed"}
+GROUPS = ("pipeline", "model", "cluster", "tracking", "layout")   # config groups under conf/
+TOP_LEVEL = {"pipeline_name", "store", "cluster", "tracking", "stages", "model", "seed", "layout"}
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 

@@ -37,6 +37,16 @@ class ParallelSpec:
     memory_gib: float = setting(0.0, "memory per device in GiB; 0 = the accelerator's", ge=0)
     mfu: float = setting(0.4, "model FLOPs utilisation assumed for GPU-hour estimates", gt=0.0,
                          le=1.0)
+    # Memory savers that never change the math (so settings, like the layout): a stage's
+    # `parallel:` may override them. GPU only: Megatron's implementations need CUDA (check_device).
+    distributed_optimizer: bool = setting(
+        False, "shard the optimizer state (the Adam moments, and the fp32 master weights where "
+               "the weights are bf16) over the data-parallel x context-parallel ranks (Megatron's "
+               "distributed optimizer; GPU only)")
+    recompute: Literal["none", "selective", "full"] = setting(
+        "none", "activation recompute: none, selective (the attention core; nothing to save "
+                "with flash attention) or full (keep each layer's input, rerun the layer in "
+                "backward: ~1/3 more layer FLOPs); GPU only")
 
     @property
     def world_size(self) -> int:
@@ -80,6 +90,22 @@ class ParallelSpec:
             raise ConfigError("cluster.context_parallel: context parallelism needs Transformer "
                               "Engine's ring attention on GPUs; on CPU set cluster.context_parallel=1")
 
+    def check_device(self, where: str) -> None:
+        """The memory savers run on GPUs only: Megatron's distributed optimizer allocates on CUDA
+        and its recompute saves the CUDA RNG state, so on CPU they are refused, not ignored (a
+        plan that counted on them would promise memory the CPU run does not save)."""
+        if self.device == "cuda":
+            return
+        if self.distributed_optimizer:
+            raise ConfigError(f"{where}: distributed_optimizer=true needs Megatron's distributed "
+                              "optimizer, which runs on GPUs only (device=cuda); on CPU set "
+                              f"cluster.distributed_optimizer=false (or {where}.parallel."
+                              "distributed_optimizer=false): the CPU loop keeps torch AdamW")
+        if self.recompute != "none":
+            raise ConfigError(f"{where}: recompute={self.recompute!r} needs Megatron's activation "
+                              "recompute, which runs on GPUs only (device=cuda); on CPU set "
+                              f"cluster.recompute=none (or {where}.parallel.recompute=none)")
+
     def not_built(self) -> str:
         """Layouts that validate and plan, but that the training loop cannot run yet."""
         if self.pipeline_parallel > 1:
@@ -92,8 +118,26 @@ class ParallelSpec:
 
 
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel")
+# What else a stage's `parallel:` may set, and the values it takes.
+LAYOUT_SETTINGS = {"distributed_optimizer": (True, False), "recompute": ("none", "selective", "full")}
 
 
-def stage_cluster(cluster: ParallelSpec, parallel: dict[str, int]) -> ParallelSpec:
+def check_stage_parallel(parallel: dict) -> None:
+    """A stage's ``parallel`` overrides: sizes are integers >= 1, the memory savers take their
+    values (ConfigError naming ``parallel.<key>``; the stage's path is put in front)."""
+    known = ", ".join((*LAYOUT_FIELDS, *LAYOUT_SETTINGS))
+    for key, value in parallel.items():
+        if key in LAYOUT_SETTINGS:
+            ok = LAYOUT_SETTINGS[key]
+            if isinstance(value, bool) != isinstance(ok[0], bool) or value not in ok:
+                raise ConfigError(f"parallel.{key}: must be one of "
+                                  f"{', '.join(str(o).lower() for o in ok)}, got {value!r}")
+        elif key not in LAYOUT_FIELDS:
+            raise ConfigError(f"parallel.{key}: unknown; a stage may set {known}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallel.{key}: must be an integer >= 1, got {value!r}")
+
+
+def stage_cluster(cluster: ParallelSpec, parallel: dict) -> ParallelSpec:
     """The cluster layout with a stage's own ``parallel`` overrides applied."""
     return dataclasses.replace(cluster, **parallel) if parallel else cluster

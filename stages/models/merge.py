@@ -65,6 +65,51 @@ class MergeConfig:
         if self.density != 1.0 and self.method != "ties":
             raise ConfigError(f"density: only the ties method trims task vectors; drop density "
                               f"or set method=ties (method is {self.method!r})")
+        same = self.identity_of()
+        if same is not None:
+            raise ConfigError(
+                f"weights: {list(self.weights) if self.weights else 'unset (1.0 each)'}: this {self.method} merge "
+                f"returns {same!r} unchanged ({self._why_identity(same)}), so the stage would only "
+                f"copy it; give the weights a real mix ({self._fix_hint()}) or drop the merge stage")
+
+    def identity_of(self) -> str | None:
+        """The parent this merge returns unchanged, or None when it really mixes. linear: one
+        parent holds all the weight; slerp: t = 0 (the base) or 1 (the other); task_arithmetic /
+        ties (density 1): base + w (m - base) with a single task vector of weight 1 is m, and
+        with every task-vector weight 0 it is the base."""
+        w = self.weight_of()
+        if self.method == "linear":
+            held = [p for p, x in w.items() if x > 0]
+            return held[0] if len(held) == 1 else None
+        others = {p: x for p, x in w.items() if p != self.base}
+        if self.method == "slerp":
+            (other, x), = others.items()
+            return self.base if x == 0 else other if w[self.base] == 0 else None
+        if all(x == 0 for x in others.values()):
+            return self.base
+        live = [p for p, x in others.items() if x != 0]
+        untrimmed = self.method != "ties" or self.density == 1.0
+        if len(live) == 1 and others[live[0]] == 1.0 and untrimmed:
+            return live[0]
+        return None
+
+    def _why_identity(self, same: str) -> str:
+        if self.method == "linear":
+            return f"all the weight is on {same!r}"
+        if self.method == "slerp":
+            return f"t = {0 if same == self.base else 1}"
+        if same == self.base:
+            return "every task vector has weight 0"
+        return (f"{self.base} + 1.0 x ({same} - {self.base}) = {same}"
+                + (", density 1" if self.method == "ties" else ""))
+
+    def _fix_hint(self) -> str:
+        if self.method == "linear":
+            return "e.g. weights: [0.75, 0.25]"
+        if self.method == "slerp":
+            return "both weights > 0, e.g. [0.75, 0.25]: t = 0.75 towards the non-base parent"
+        return ("a task-vector weight below 1, e.g. weights: [0.75, 0.25] for from: [extension, "
+                "base]: the base's weight is not used, base + 0.75 x (extension - base)")
 
     def weight_of(self) -> dict[str, float]:
         ws = self.weights or tuple(1.0 for _ in self.from_)

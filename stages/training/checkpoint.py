@@ -123,6 +123,10 @@ def _sharded_state(model, optimizer: torch.optim.Optimizer | None, *, for_load: 
     out = {"model": model_sd}
     if optimizer is None:
         return out
+    if hasattr(optimizer, "sharded_state_dict"):  # Megatron's distributed optimizer (GPU): its own
+        # per-parameter format, keyed optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.<param key>
+        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=for_load)
+        return out
     params = _optimizer_params(optimizer)
     id_map = get_param_id_to_sharded_param_map(model_sd, params)
     if len(id_map) != len(params):
@@ -339,7 +343,9 @@ def load_checkpoint(ckpt: Path, model, optimizer: torch.optim.Optimizer | None,
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
         raise RuntimeError(f"checkpoint {ckpt} lacks model tensors: {missing[:5]}")
-    if optimizer is not None:
+    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):
+        optimizer.load_state_dict(loaded["optimizer"])   # Megatron's optimizer: moments and step
+    elif optimizer is not None:
         step = torch.tensor(float(state.optimizer_steps), dtype=torch.float32)
         for i, p in enumerate(_optimizer_params(optimizer)):
             optimizer.state[p] = {"step": step.clone(),

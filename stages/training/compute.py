@@ -7,18 +7,26 @@ Pure arithmetic (no torch import), so `forge plan` sizes a GPU cluster from a la
 - FLOPs: model FLOPs (no recompute), counted as Megatron-LM does (Narayanan et al. 2021): forward =
   2 x matmul parameters + 4 x seq x (query width) per layer for attention (full, not causal-halved),
   training = 3 x forward. With full recompute the layers cost 4 x forward; that variant equals
-  Megatron's 96 B s l h^2 (1 + s/6h + V/16lh) exactly for a GPT-3-shaped model (tested).
+  Megatron's 96 B s l h^2 (1 + s/6h + V/16lh) exactly for a GPT-3-shaped model (tested). Selective
+  recompute reruns the attention core's forward (4 x seq x query width per layer).
 - Memory: weights + gradients + optimizer from bytes per parameter (Megatron's table:
-  bf16 params/fp32 grads 18 or 6 + 12/d with the distributed optimizer; fp32 16 or 8 + 8/d), and
-  activations per layer from Korthikanti et al. 2022 (34 sbh + 5 a s^2 b for GPT-3 with dropout),
-  rewritten for GQA and SwiGLU; it reproduces the paper's formulas exactly for a GPT-3 shape.
-- Time: GPU-hours = FLOPs / (peak x MFU); the MFU is stated in the cluster config.
+  bf16 params/fp32 grads 18 or 6 + 12/d with the distributed optimizer; fp32 16 or 8 + 8/d, where
+  d is the data-parallel x context-parallel size: Megatron's DDP and distributed optimizer shard
+  over the DP group *with* CP, whose ranks hold the same weights), and activations per layer from
+  Korthikanti et al. 2022 (34 sbh + 5 a s^2 b for GPT-3 with dropout), rewritten for GQA and SwiGLU;
+  it reproduces the paper's formulas exactly for a GPT-3 shape, selective recompute (drops the
+  5 a s^2 b attention term) and full recompute (keeps the layer input, 2 sbh) included. With
+  recompute, the layer being recomputed in backward holds its full activations for a moment: one
+  layer's difference is added to the peak (the paper leaves it out).
+- Time: GPU-hours = executed FLOPs (model FLOPs plus what recompute reruns) / (peak x MFU); the
+  MFU is stated in the cluster config.
 
 What the built training loop does, and so what a stage plan assumes: fp32 master weights with
-bf16 autocast (16 bytes per parameter, the optimizer not sharded over DP), no sequence parallelism,
-no activation recompute, flash attention on GPUs (Transformer Engine) and the plain local attention
-on CPU (it keeps the s x s probabilities). With 1F1B pipelining the first stage holds p micro-batches
-of l/p layers: l layers' worth, whatever p.
+bf16 autocast (16 bytes per parameter; 8 + 8/d with the distributed optimizer, which the loop runs
+on GPUs through Megatron's ``DistributedOptimizer``), no sequence parallelism, the stage's recompute
+(GPU only; Megatron's ``recompute_granularity``), flash attention on GPUs (Transformer Engine) and
+the plain local attention on CPU (it keeps the s x s probabilities). With 1F1B pipelining the first
+stage holds p micro-batches of l/p layers: l layers' worth, whatever p.
 """
 from __future__ import annotations
 
@@ -87,11 +95,15 @@ class Shape:
         return self.layers * self.layer_params() + emb + self.hidden   # + final norm
 
 
-def flops_per_token(shape: Shape, seq: int, recompute: bool = False) -> float:
-    """Training FLOPs per token: 3 x forward (4 x for the layers with full recompute)."""
-    layer_fwd = 2 * shape.layer_matmul_params() + 4 * seq * shape.q_width
+def flops_per_token(shape: Shape, seq: int, recompute: bool | str = False) -> float:
+    """Training FLOPs per token: 3 x forward (4 x for the layers with full recompute; selective
+    reruns the attention core's forward). ``recompute``: True or "full", "selective", False or
+    "none"."""
+    core_fwd = 4 * seq * shape.q_width                 # QK^T and attention x V
+    layer_fwd = 2 * shape.layer_matmul_params() + core_fwd
     logits_fwd = 2 * shape.hidden * shape.vocab
-    return shape.layers * layer_fwd * (4 if recompute else 3) + 3 * logits_fwd
+    rerun = {True: layer_fwd, "full": layer_fwd, "selective": core_fwd}.get(recompute, 0)
+    return shape.layers * (3 * layer_fwd + rerun) + 3 * logits_fwd
 
 
 # bytes per parameter (weights, gradients, optimizer state before DP sharding)
@@ -99,7 +111,8 @@ STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
 
 
 def state_bytes_per_param(params_dtype: str, distributed: bool, dp: int) -> tuple[float, float, float]:
-    """Megatron's table: fp32 params 16 (8 + 8/d), bf16 params 18 (6 + 12/d)."""
+    """Megatron's table: fp32 params 16 (8 + 8/d), bf16 params 18 (6 + 12/d); ``dp`` is the size
+    of the group the distributed optimizer shards over (d)."""
     w, g, opt = STATE_BYTES[params_dtype]
     return float(w), float(g), opt / dp if distributed else float(opt)
 
@@ -127,8 +140,19 @@ class Layout:
     def world(self) -> int:
         return self.model_parallel * self.dp
 
+    @property
+    def shard_group(self) -> int:
+        """Ranks the distributed optimizer shards over: DP x CP (Megatron's dp_cp group)."""
+        return self.dp * self.cp
+
     def describe(self) -> str:
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}"
+
+    def savers(self) -> str:
+        """The memory savers in force: 'dist-opt', 'rc-full', ... ('-' for none)."""
+        out = (["dist-opt"] if self.distributed_optimizer else []) + (
+            [f"rc-{self.recompute}"] if self.recompute != "none" else [])
+        return ",".join(out) or "-"
 
 
 def layer_activation_bytes(shape: Shape, seq: int, layout: Layout) -> float:
@@ -173,16 +197,20 @@ def memory_per_device(shape: Shape, seq: int, layout: Layout) -> Memory:
     body = layers * shape.layer_params() / t
     linear = layers * shape.layer_matmul_params() / t
     acts_layer = layer_activation_bytes(shape, seq, layout)
+    # backward reruns one layer at a time: that layer holds its full activations meanwhile
+    rerun = (layer_activation_bytes(shape, seq, dataclasses.replace(layout, recompute="none"))
+             - acts_layer)
     s, b, e = seq / layout.cp, layout.micro_batch, layout.act_bytes
     embed_out = e * s * b * shape.hidden / (t if layout.sequence_parallel else 1)
     logits = s * b * shape.vocab / t * (e + 4)          # logits + fp32 copy for the cross-entropy
     if p == 1:
         stages = [(body + emb * (1 if shape.tied else 2) + shape.hidden,
-                   shape.layers * acts_layer + embed_out + logits)]
+                   shape.layers * acts_layer + rerun + embed_out + logits)]
     else:  # tied embeddings keep a copy on the last stage; untied ones have the output layer there
-        stages = [(body + emb, p * (layers * acts_layer + embed_out)),
-                  (body + emb + shape.hidden, layers * acts_layer + logits)]
-    per_param = state_bytes_per_param(layout.params_dtype, layout.distributed_optimizer, layout.dp)
+        stages = [(body + emb, p * (layers * acts_layer + embed_out) + rerun),
+                  (body + emb + shape.hidden, layers * acts_layer + rerun + logits)]
+    per_param = state_bytes_per_param(layout.params_dtype, layout.distributed_optimizer,
+                                      layout.shard_group)
     fp8 = 2 * linear if layout.fp8_weight_copies else 0.0   # FP8 weight and its transpose
     mems = [Memory(weights=params * per_param[0] + fp8, grads=params * per_param[1],
                    optimizer=params * per_param[2], activations=acts) for params, acts in stages]
@@ -244,7 +272,7 @@ class StagePlan:
     shape: Shape
     tokens: int
     seq: int
-    flops: float
+    flops: float              # model FLOPs (what MFU counts)
     layout: Layout
     memory: Memory
     usable_bytes: float
@@ -252,6 +280,13 @@ class StagePlan:
     peak_tflops: float
     mfu: float
     fit: Layout | None        # when it does not fit: the first layout that would
+    saver: Layout | None = None   # when it does not fit: the same layout with savers that fit
+
+    @property
+    def executed_flops(self) -> float:
+        """What the devices run: model FLOPs plus the forward passes recompute repeats."""
+        return self.flops * (flops_per_token(self.shape, self.seq, self.layout.recompute)
+                             / flops_per_token(self.shape, self.seq))
 
     @property
     def params(self) -> int:
@@ -263,7 +298,7 @@ class StagePlan:
 
     @property
     def gpu_hours(self) -> float:
-        return gpu_hours(self.flops, self.peak_tflops, self.mfu)
+        return gpu_hours(self.executed_flops, self.peak_tflops, self.mfu)
 
     @property
     def wall_hours(self) -> float:
@@ -275,23 +310,47 @@ class StagePlan:
                 f"usable on {self.accelerator} ({self.layout.describe()}, micro-batch "
                 f"{self.layout.micro_batch}, seq {self.seq})")
         if self.fit is None:
-            return text + "; no layout up to 8192 devices fits: shorten seq_length or micro_batch_size"
-        f = self.fit
-        sets = {"tensor_parallel": f.tp, "context_parallel": f.cp, "pipeline_parallel": f.pp}
-        sets = {k: v for k, v in sets.items() if v != getattr(self.layout, _SHORT[k])}
-        todo = []
+            text += "; no layout up to 8192 devices fits: shorten seq_length or micro_batch_size"
+        else:
+            f, todo = self.fit, self._overrides(self.fit)
+            fit_size = size(memory_per_device(self.shape, self.seq, f).total)
+            text += (f"; it would fit with {f.describe()}, micro-batch {f.micro_batch} "
+                     f"({fit_size}, {f.model_parallel} device(s) per replica): set "
+                     + " and ".join(todo))
+        if self.saver is not None:   # no more devices, a little more compute (recompute) at most
+            fit_size = size(memory_per_device(self.shape, self.seq, self.saver).total)
+            text += (f" (or, on the same {self.layout.world} devices ({fit_size}): set "
+                     + " and ".join(self._overrides(self.saver)) + ")")
+        return text
+
+    def _overrides(self, f: Layout) -> list[str]:
+        """Command-line overrides that turn this stage's layout into ``f``. One field each
+        (`stages.S.parallel.F=v` adds or sets F), so the stage's other layout fields stay."""
+        out = []
         if f.micro_batch != self.layout.micro_batch:
-            todo.append(f"stages.{self.stage}.micro_batch_size={f.micro_batch}")
-        if sets:
-            body = ", ".join(f"{k}: {v}" for k, v in sets.items())
-            todo.append(f"stages.{self.stage}.parallel={{{body}}}")
-        fit_size = size(memory_per_device(self.shape, self.seq, f).total)
-        return (text + f"; it would fit with {f.describe()}, micro-batch {f.micro_batch} "
-                f"({fit_size}, {f.model_parallel} device(s) per replica): set "
-                + " and ".join(todo))
+            out.append(f"stages.{self.stage}.micro_batch_size={f.micro_batch}")
+        for key, short in _SHORT.items():
+            value = getattr(f, short)
+            if value != getattr(self.layout, short):
+                text = str(value).lower() if isinstance(value, bool) else value
+                out.append(f"stages.{self.stage}.parallel.{key}={text}")
+        return out
 
 
-_SHORT = {"tensor_parallel": "tp", "context_parallel": "cp", "pipeline_parallel": "pp"}
+_SHORT = {"tensor_parallel": "tp", "context_parallel": "cp", "pipeline_parallel": "pp",
+          "distributed_optimizer": "distributed_optimizer", "recompute": "recompute"}
+
+
+def saver_fit(shape: Shape, seq: int, base: Layout, usable_bytes: float) -> Layout | None:
+    """The same layout with the memory savers (GPU only) that make it fit, cheapest first: the
+    distributed optimizer (costs communication only), then full recompute (~1/3 more layer FLOPs)."""
+    tries = [dataclasses.replace(base, distributed_optimizer=True),
+             dataclasses.replace(base, recompute="full"),
+             dataclasses.replace(base, distributed_optimizer=True, recompute="full")]
+    for lay in tries:
+        if lay != base and memory_per_device(shape, seq, lay).total <= usable_bytes:
+            return lay
+    return None
 
 
 def plan_training_stage(stage: str, config, cluster) -> StagePlan:
@@ -304,17 +363,20 @@ def plan_training_stage(stage: str, config, cluster) -> StagePlan:
         tp=cluster.tensor_parallel, pp=cluster.pipeline_parallel, cp=cluster.context_parallel,
         dp=dp, micro_batch=config.micro_batch_size or max(config.global_batch_size // dp, 1),
         act_bytes=4 if config.precision.dtype == "fp32" else 2,
-        flash_attention=cluster.device == "cuda", fp8_weight_copies=fp8)
+        flash_attention=cluster.device == "cuda", fp8_weight_copies=fp8,
+        distributed_optimizer=cluster.distributed_optimizer, recompute=cluster.recompute)
     peak = accel.fp8_tflops if fp8 else accel.bf16_tflops
     if cluster.device == "cpu":
         peak *= cluster.threads_per_worker
     usable = (cluster.memory_gib or accel.memory_gib) * GIB * USABLE
     memory = memory_per_device(shape, config.seq_length, layout)
-    fit = None
+    fit = saver = None
     if memory.total > usable:
         fit = first_fitting(shape, config.seq_length, layout, usable, cluster.gpus_per_node,
                             cpu=cluster.device == "cpu")
+        if cluster.device == "cuda":
+            saver = saver_fit(shape, config.seq_length, layout, usable)
     return StagePlan(stage=stage, shape=shape, tokens=config.tokens, seq=config.seq_length,
                      flops=config.tokens * flops_per_token(shape, config.seq_length), layout=layout,
                      memory=memory, usable_bytes=usable, accelerator=cluster.accelerator,
-                     peak_tflops=peak, mfu=cluster.mfu, fit=fit)
+                     peak_tflops=peak, mfu=cluster.mfu, fit=fit, saver=saver)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.cluster import LAYOUT_FIELDS, stage_cluster
+from stages.cluster import check_stage_parallel, stage_cluster
 from stages.layout import newest_checkpoint
 from stages.schema import ConfigError, configclass, identity_dict, param, setting
 from stages.specs import ModelSpec, PrecisionSpec, ScheduleSpec, shape_differences
@@ -43,10 +43,11 @@ class PretrainConfig:
     seed: int = param(1234, "init / data-order seed")
     micro_batch_size: int = setting(0, "sequences per forward pass per rank (0 = the whole local "
                                        "batch)", ge=0)
-    parallel: dict[str, int] = setting(
+    parallel: dict[str, int | bool | str] = setting(
         factory=dict, doc="this stage's own layout over the cluster's: tensor_parallel, "
-                          "pipeline_parallel, context_parallel, data_parallel (e.g. a 512K-token "
-                          "extension needs more model parallelism than a 4K phase)")
+                          "pipeline_parallel, context_parallel, data_parallel, "
+                          "distributed_optimizer, recompute (e.g. a 512K-token extension needs "
+                          "more model parallelism than a 4K phase)")
     checkpoint_interval: int = setting(50, "save every N steps (and always at the end)", ge=0)
     keep_checkpoints: int = setting(2, "newest checkpoints kept while training", ge=1)
     log_interval: int = setting(10, "print progress every N steps", ge=1)
@@ -78,11 +79,7 @@ class PretrainConfig:
         if self.steps < 1:
             raise ConfigError(f"tokens: {self.tokens} is less than one step "
                               f"({self.global_batch_size} x {self.seq_length} tokens)")
-        for key, size in self.parallel.items():
-            if key not in LAYOUT_FIELDS:
-                raise ConfigError(f"parallel.{key}: unknown; a stage may set {', '.join(LAYOUT_FIELDS)}")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ConfigError(f"parallel.{key}: must be an integer >= 1, got {size!r}")
+        check_stage_parallel(self.parallel)
 
     @property
     def steps(self) -> int:
@@ -118,6 +115,7 @@ class Pretrain(StageKind):
         layout = cls.layout(config, cluster)
         layout.check_model(config.model, f"stages.{stage}.model")
         layout.check_context(config.seq_length, f"stages.{stage}")
+        layout.check_device(f"stages.{stage}")
         gbs, dp = config.global_batch_size, layout.data_parallel
         if gbs % dp:
             raise ConfigError(f"stages.{stage}.global_batch_size: {gbs} is not divisible by "

@@ -4,6 +4,8 @@
   the token mean over the rank's batch (gradient accumulation divides by the rank's token count).
 - ``train_step``: set the LR, zero the grads (and Megatron DDP's buffers), accumulate, all-reduce
   over DP (DDP: mean over ranks into ``param.main_grad``), clip by the global norm, AdamW step.
+  With Megatron's distributed optimizer (GPU, ``make_distributed_optimizer``) DDP reduce-scatters
+  instead, and the optimizer clips, steps its shard of the fp32 state and all-gathers the weights.
 - ``grad_norm``: L2 norm over all gradients, TP shards summed once (TP-duplicated parameters such
   as norms counted on TP rank 0 only), so it equals the TP=1 norm.
 - ``heldout_losses``: the token-mean loss of each held-out source (up to HELDOUT_SAMPLES samples).
@@ -42,6 +44,24 @@ def make_optimizer(model, config) -> torch.optim.AdamW:
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.schedule.lr, betas=(config.adam_beta1, config.adam_beta2),
                              eps=config.adam_eps)
+
+
+def make_distributed_optimizer(ddp, config):
+    """Megatron's distributed optimizer over ``ddp`` (built with ``use_distributed_optimizer``):
+    the same AdamW (decoupled weight decay, none on norms, global-norm clip) with its moments
+    sharded over the data-parallel x context-parallel ranks. GPU only: Megatron allocates on CUDA
+    (the cluster refuses it on CPU). Not run on a GPU here yet: untested."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=config.schedule.lr, weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_eps=config.adam_eps,
+        clip_grad=config.grad_clip, bf16=False, fp16=False, params_dtype=torch.float32,
+        use_distributed_optimizer=True), [ddp])
+
+
+def is_megatron_optimizer(optimizer) -> bool:
+    """Megatron's optimizers step, clip and checkpoint themselves (``sharded_state_dict``)."""
+    return hasattr(optimizer, "sharded_state_dict")
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -124,6 +144,11 @@ def train_step(net, ddp, optimizer, dataset, indices, mbs: int, lr: float, mask,
     loss_sum, toks = run_micro_batches(net, dataset, list(indices), mbs, mask, config, env, train=True)
     if ddp is not None:
         ddp.finish_grad_sync()  # all-reduce (mean over DP) into param.main_grad
+    if is_megatron_optimizer(optimizer):  # clip + step its shard + all-gather the weights
+        _, norm, _ = optimizer.step()     # norm is None when clipping is off (grad_clip 0)
+        loss_sum, toks = dp_sum([loss_sum, toks], env)
+        return loss_sum / toks, float("nan") if norm is None else float(norm)
+    if ddp is not None:
         for p in params:
             p.grad = p.main_grad
     norm = float(grad_norm(params))

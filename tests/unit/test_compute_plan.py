@@ -81,6 +81,49 @@ def test_optimizer_bytes_equal_megatron_table():
     assert sum(state_bytes_per_param("fp32", True, 4)) == 8 + 8 / 4
 
 
+@pytest.mark.parametrize("dtype, table", [("fp32", lambda d: 8 + 8 / d), ("bf16", lambda d: 6 + 12 / d)])
+def test_distributed_optimizer_shards_the_state_as_megatron_does(dtype, table):
+    """Megatron's distributed-optimizer rows (docs: distrib_optimizer) per device, sharded over the
+    DP x CP ranks: Megatron's DDP and optimizer use the data-parallel group with context parallel,
+    whose ranks hold the same weights."""
+    shape = dataclasses.replace(GPT3, layers=4)
+    for tp, dp, cp in [(1, 8, 1), (1, 2, 4), (4, 4, 2)]:
+        lay = Layout(tp=tp, dp=dp, cp=cp, params_dtype=dtype, distributed_optimizer=True)
+        m = memory_per_device(shape, 2048, lay)
+        n = m.weights / (4 if dtype == "fp32" else 2)    # parameters on the device (norms whole)
+        assert n == (shape.params() if tp == 1 else pytest.approx(shape.params() / tp, rel=1e-4))
+        assert m.weights + m.grads + m.optimizer == pytest.approx(n * table(dp * cp), rel=1e-12)
+        plain = memory_per_device(shape, 2048, dataclasses.replace(lay, distributed_optimizer=False))
+        assert plain.weights + plain.grads + plain.optimizer == pytest.approx(n * table(1), rel=1e-12)
+
+
+def test_recompute_activation_memory_is_korthikanti_plus_the_layer_being_rerun():
+    """Full recompute keeps each layer's input (2 sbh, Korthikanti et al. 2022, Table 2); in
+    backward one layer at a time holds its full activations again (34 sbh + 5 a s^2 b for GPT-3,
+    no flash attention), which the paper leaves out and the peak does not."""
+    s, b, t = 2048, 1, 1
+    h, a, l, v = GPT3.hidden, GPT3.heads, GPT3.layers, GPT3.vocab
+    full = memory_per_device(GPT3, s, Layout(tp=t, recompute="full", flash_attention=False))
+    outside = 2 * s * b * h + s * b * v * (2 + 4)            # embedding output, logits + fp32 copy
+    rerun = s * b * h * (34 + 5 * a * s / h) - 2 * s * b * h
+    assert full.activations == pytest.approx(l * 2 * s * b * h + rerun + outside, rel=1e-12)
+    sel = memory_per_device(GPT3, s, Layout(tp=t, recompute="selective", flash_attention=False))
+    scores = 5 * a * s * s * b                                 # one layer's attention core again
+    assert sel.activations == pytest.approx(l * 34 * s * b * h + scores + outside, rel=1e-12)
+    none = memory_per_device(GPT3, s, Layout(tp=t, flash_attention=False))
+    assert full.activations < sel.activations < none.activations
+
+
+def test_recompute_costs_the_flops_it_reruns():
+    s, shape = 2048, GPT3
+    base = flops_per_token(shape, s)
+    layer_fwd = 2 * shape.layer_matmul_params() + 4 * s * shape.q_width
+    assert flops_per_token(shape, s, "full") - base == pytest.approx(shape.layers * layer_fwd)
+    assert flops_per_token(shape, s, "selective") - base == pytest.approx(
+        shape.layers * 4 * s * shape.q_width)                # QK^T and scores x V, forward again
+    assert flops_per_token(shape, s, "none") == base
+
+
 def test_state_bytes_equal_what_the_training_loop_allocates():
     """16 B/param (fp32 weights, fp32 grads, AdamW's two moments), measured on real tensors."""
     import torch
@@ -124,22 +167,72 @@ def plan(capsys, *args) -> tuple[int, str, str]:
 def suggested(err: str, stage: str) -> list[str]:
     """The overrides a refusal suggests, ready for the command line."""
     line = next(l for l in err.splitlines() if f"stages.{stage}: does not fit" in l)
-    return [o.strip() for o in line.split(": set ", 1)[1].split(" and ")]
+    return [o.strip() for o in line.split(": set ", 1)[1].split(" (or, ")[0].split(" and ")]
 
 
-def test_plan_refuses_a_stage_that_cannot_fit_and_its_suggestion_fits(capsys, tmp_path, monkeypatch):
+def savers_suggested(err: str, stage: str) -> list[str]:
+    """The same-devices alternative a refusal offers (distributed optimizer / recompute)."""
+    line = next(l for l in err.splitlines() if f"stages.{stage}: does not fit" in l)
+    return [o.strip() for o in line.split("): set ")[-1].rstrip(")").split(" and ")]
+
+
+def test_plan_refuses_a_stage_that_cannot_fit_and_its_suggestions_fit(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
-    over = ["pipeline=granite-4.1", "model=granite-8b"]
+    # the 8B's pretraining without its layout's distributed optimizer: 16 B/param do not fit TP2
+    over = ["pipeline=granite-4.1", "model=granite-8b", "stages.pretrain-1.parallel={}"]
     code, out, err = plan(capsys, *over)
     assert code == 2
     assert "stages.pretrain-1: does not fit" in err and "on h100 (TP2 PP1 CP1 DP4" in err
+    assert "stages.pretrain-2" not in err                      # the others keep the layout
     fix = suggested(err, "pretrain-1")
-    assert fix == ["stages.pretrain-1.parallel={tensor_parallel: 4}"]
-    for stage in ("pretrain-2", "pretrain-3", "pretrain-4"):
-        fix += [f.replace("pretrain-1", stage) for f in suggested(err, "pretrain-1")]
+    assert fix == ["stages.pretrain-1.parallel.tensor_parallel=4"]
     code, out, err = plan(capsys, *over, *fix)
-    assert "stages.pretrain-" not in err
-    assert re.search(r"pretrain-1 +8\.79G +10T .* TP4 PP1 CP1 DP4 .* yes", out)
+    assert code == 0 and "stages.pretrain-" not in err, err
+    assert re.search(r"pretrain-1 +8\.79G +10T .* TP4 PP1 CP1 DP4 +- .* yes", out)
+    saver = savers_suggested(plan(capsys, *over)[2], "pretrain-1")
+    assert saver == ["stages.pretrain-1.parallel.distributed_optimizer=true"]
+    code, out, err = plan(capsys, *over, *saver)
+    assert code == 0, err
+    assert re.search(r"pretrain-1 +8\.79G +10T .* TP2 PP1 CP1 DP4 +dist-opt .* yes", out)
+
+
+def test_a_suggestion_keeps_the_stages_other_layout_fields(capsys, tmp_path, monkeypatch):
+    """One override per field: applying `tensor_parallel` must not drop the stage's DP and
+    distributed optimizer (a whole `parallel={...}` dict would replace them, and then TP8 would
+    not fit)."""
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    over = ["pipeline=granite-4.1", "model=granite-8b", "stages.extend-1.parallel.recompute=none"]
+    code, _, err = plan(capsys, *over)
+    assert code == 2 and "stages.extend-1: does not fit" in err
+    fix = suggested(err, "extend-1")
+    assert fix == ["stages.extend-1.parallel.tensor_parallel=8"]
+    code, out, err = plan(capsys, *over, *fix)
+    assert code == 0, err
+    assert re.search(r"extend-1 +8\.79G .* TP8 PP1 CP1 DP2 +dist-opt +1 ", out)
+
+
+@pytest.mark.parametrize("model", ["granite-3b", "granite-8b", "granite-30b"])
+def test_the_full_recipe_plans_for_every_published_size(model, capsys, tmp_path, monkeypatch):
+    """The README's `forge plan pipeline=granite-4.1 model=...`: every stage fits its devices on
+    cluster=gpu-node with the size's layouts (conf/layout/)."""
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    code, out, err = plan(capsys, "pipeline=granite-4.1", f"model={model}")
+    assert code == 0, err
+    rows = [l for l in out.splitlines() if re.match(r"  (pretrain|extend)-\d +\S+G ", l)]
+    assert len(rows) == 7 and all(r.rstrip().endswith("yes") for r in rows), "\n".join(rows)
+    assert "on h100" not in err
+
+
+def test_the_layout_follows_the_model_and_can_be_chosen(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    from flows import config
+    cfg = config.load(["pipeline=granite-4.1", "model=granite-30b"])
+    assert cfg.stages["extend-3"].config.parallel == {
+        "tensor_parallel": 8, "context_parallel": 16, "data_parallel": 2,
+        "distributed_optimizer": True, "recompute": "full"}
+    assert cfg.stages["pretrain-2"].config.parallel["tensor_parallel"] == 8
+    code, _, err = plan(capsys, "pipeline=granite-4.1", "model=granite-30b", "layout=granite-3b")
+    assert code == 2 and "stages.pretrain-1: does not fit" in err   # the 3B's layouts are too small
 
 
 def test_plan_of_the_published_recipe_fits_and_blocks_what_is_not_built(capsys, tmp_path, monkeypatch):
@@ -168,6 +261,22 @@ def test_run_refuses_before_compute_and_touches_nothing(capsys, tmp_path, monkey
     fix = suggested(err, "pretrain-1")
     code, out, err = plan(capsys, "cluster.memory_gib=0.01", *fix)
     assert "stages.pretrain-1: does not fit" not in err
+
+
+def test_memory_savers_are_refused_on_cpu_with_the_field(capsys, tmp_path, monkeypatch):
+    """Megatron's distributed optimizer and recompute need CUDA: a CPU plan that counted on them
+    would promise memory the CPU loop never saves."""
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    code, _, err = plan(capsys, "stages.pretrain-2.parallel.distributed_optimizer=true")
+    assert code == 2 and "stages.pretrain-2: distributed_optimizer=true" in err
+    assert "GPUs only" in err and "stages.pretrain-2.parallel.distributed_optimizer=false" in err
+    code, _, err = plan(capsys, "cluster.recompute=full")
+    assert code == 2 and "stages.pretrain-1: recompute='full'" in err and "cluster.recompute=none" in err
+    code, _, err = plan(capsys, "stages.pretrain-1.parallel.recompute=partial")
+    assert code == 2
+    assert "stages.pretrain-1.parallel.recompute: must be one of none, selective, full" in err
+    code, _, err = plan(capsys, "stages.pretrain-1.parallel.distributed_optimizer=1")
+    assert code == 2 and "parallel.distributed_optimizer: must be one of true, false" in err
 
 
 def test_bad_stage_layout_is_rejected_with_the_field(capsys, tmp_path, monkeypatch):

@@ -119,3 +119,55 @@ def test_merged_model_loads_in_transformers_with_the_megatron_logits(parents, tm
         want = model.eval()(tokens, torch.arange(128).expand(2, 128), causal_mask(128, "cpu"))
         got = hf(tokens).logits
     assert (got - want[..., :SPEC.vocab_size]).abs().max() < 1e-4
+
+
+# ---- validation: a merge that returns one parent unchanged is refused (no mergekit run needed)
+
+IDENTITY_MERGES = [
+    # (config, the parent it would return unchanged)
+    (dict(from_=("ext", "base"), method="task_arithmetic", base="base"), "ext"),   # weights 1.0 each
+    (dict(from_=("ext", "base"), method="task_arithmetic", base="base", weights=(1.0, 0.3)), "ext"),
+    (dict(from_=("ext", "base"), method="task_arithmetic", base="base", weights=(0.0, 1.0)), "base"),
+    (dict(from_=("a", "b"), method="task_arithmetic", base="c", weights=(0.0, 1.0)), "b"),
+    (dict(from_=("ext", "base"), method="ties", base="base"), "ext"),               # density 1
+    (dict(from_=("a", "b"), method="linear", weights=(1.0, 0.0)), "a"),
+    (dict(from_=("a", "b", "c"), method="linear", weights=(0.0, 2.0, 0.0)), "b"),
+    (dict(from_=("ext", "base"), method="slerp", base="base", weights=(0.0, 1.0)), "base"),  # t = 0
+    (dict(from_=("ext", "base"), method="slerp", base="base", weights=(1.0, 0.0)), "ext"),   # t = 1
+]
+
+
+@pytest.mark.parametrize("kwargs, same", IDENTITY_MERGES)
+def test_a_merge_that_is_one_parent_is_refused_with_the_field(kwargs, same):
+    from stages.schema import ConfigError, from_dict
+    data = {("from" if k == "from_" else k): list(v) if isinstance(v, tuple) else v
+            for k, v in kwargs.items()}
+    with pytest.raises(ConfigError) as e:
+        from_dict(MergeConfig, data, "stages.merge-1")
+    msg = str(e.value)
+    assert msg.startswith("stages.merge-1.weights: "), msg
+    assert f"returns {same!r} unchanged" in msg and "drop the merge stage" in msg
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(from_=("ext", "base"), method="task_arithmetic", base="base", weights=(0.75, 0.25)),
+    dict(from_=("ext", "base"), method="ties", base="base", density=0.5),     # trimmed: a change
+    dict(from_=("a", "b"), method="task_arithmetic", base="c", weights=(1.0, 1.0)),  # two vectors
+    dict(from_=("a", "b"), method="task_arithmetic", base="c", weights=(0.0, 0.5)),
+    dict(from_=("a", "b")),                                                   # linear, equal
+    dict(from_=("ext", "base"), method="slerp", base="base", weights=(1.0, 3.0)),
+])
+def test_a_real_mix_is_accepted(kwargs):
+    assert MergeConfig(**kwargs).identity_of() is None
+
+
+def test_the_recipe_merges_mix():
+    """merge-1..3 of the full recipe once used task_arithmetic's default weight 1.0 on the
+    extension's task vector: the extension, unchanged."""
+    from flows import config
+    cfg = config.load(["pipeline=granite-4.1"])
+    for name in ("merge-1", "merge-2", "merge-3"):
+        merge = cfg.stages[name].config
+        assert merge.identity_of() is None
+        ext = merge.from_[0]
+        assert 0 < merge.weight_of()[ext] < 1, (name, merge.weights)
