@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import ONLY_BUILT, SMALL, start_prefect_server  # noqa: E402
+from tests.support.helpers import ONLY_BUILT, SMALL, start_prefect_server  # noqa: E402
 
 BARE_FLOW = textwrap.dedent("""
     import sys

@@ -1,12 +1,12 @@
 """Fault injection: many trials per fault against real training workers; goal: every trial recovered,
 nothing lost.
 
-Each trial (``tests/faults.py``, which the CI test ``tests/reliability/test_faults.py`` runs a few
+Each trial (``tests/support/faults.py``, which the CI test ``tests/reliability/test_faults.py`` runs a few
 of) starts the real stage worker on a tiny phase (40 steps of 8x64 tokens, a checkpoint every 5),
 injects one fault at a moment drawn from a seeded RNG (printed), runs the stage again, and
 compares with an uninterrupted reference run. Two launches of the same stage at once, a Prefect
 server restart and an MLflow outage go through the real CLI and real servers
-(``tests/service_faults.py``). Prints one line per trial, then a table:
+(``tests/support/service_faults.py``). Prints one line per trial, then a table:
 
 - recovered: the rerun equals the reference bit for bit (weights, AdamW moments, every loss);
 - data lost: the rerun resumed from an older checkpoint than the newest complete one, loaded a
@@ -36,9 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from tests.faults import Lab, Trial, can_mount_tmpfs  # noqa: E402
-from tests.helpers import SMALL, start_prefect_server  # noqa: E402
-from tests.service_faults import mlflow_outage_trial, prefect_restart_trial  # noqa: E402
+from tests.support.faults import Lab, Trial, can_mount_tmpfs  # noqa: E402
+from tests.support.helpers import SMALL, start_prefect_server  # noqa: E402
+from tests.support.service_faults import mlflow_outage_trial, prefect_restart_trial  # noqa: E402
 
 FAULTS = {  # key: (row name, how many trials: "trials" | "other" | "launch")
     "kill": ("SIGKILL of the worker (half inside a save)", "trials"),

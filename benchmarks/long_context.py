@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import LONG_CONTEXT, forge, last_result  # noqa: E402
+from tests.support.helpers import LONG_CONTEXT, forge, last_result  # noqa: E402
 
 
 def artifact(result: dict, stage: str) -> dict:

@@ -135,6 +135,17 @@ def _execute(prep) -> int:
     t0 = time.time()
     try:
         result = runner.execute(prep)
+    except runner.Stopped as e:   # Ctrl-C or SIGTERM: the worker checkpointed; main() exits 128+sig
+        name = signal.Signals(e.signum).name
+        if e.run_id:
+            print(f"\nforge: stopped by {name} after {time.time() - t0:.0f}s; run {e.run_id} is "
+                  "recorded as cancelled. Finished stages are cached and the one in progress "
+                  "resumes from its newest checkpoint:\n"
+                  f"  forge resume {e.run_id}", file=sys.stderr, flush=True)
+        else:
+            print(f"\nforge: stopped by {name} before the run started; nothing ran.",
+                  file=sys.stderr, flush=True)
+        raise
     except runner.PipelineFailed as e:
         print(f"\nforge: pipeline failed after {time.time() - t0:.0f}s: {e}\n"
               "Fix the cause and run the same command again, or `forge resume RUN_ID` (the run id "
@@ -266,6 +277,13 @@ def cmd_launch_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `forge plan | head` ends quietly
     args = _parser().parse_args(argv)
+    if args.command in ("run", "resume"):
+        # SIGTERM like Ctrl-C: an exception that unwinds (the run is recorded as cancelled, the
+        # Prefect server stopped) instead of an instant death; the worker gets it passed on
+        from flows.runner import raise_stopped
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:   # nohup, `&` in a script: left so
+                signal.signal(sig, raise_stopped)
     handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage,
                 "runs": cmd_runs, "resume": cmd_resume, "deploy": cmd_deploy,
                 "launch-command": cmd_launch_command, "ui": cmd_ui, "promote": cmd_promote}
@@ -275,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forge: invalid configuration: {e}\nNothing was run and nothing was changed.",
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.command not in ("run", "resume"):
+            raise
+        return 128 + getattr(e, "signum", signal.SIGINT)   # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

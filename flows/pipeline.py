@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from flows.dag import Dag, Node
 from flows.failures import clear_failure, write_failure
 from flows.launch import StageFailed, run_worker, stage_lock
 from flows.tracking.lineage import MetricsTail
-from flows.tracking.sync import connect, guarded, sync_pipeline
+from flows.tracking.sync import (connect, guarded, needs_tracking, note_recorded, noted_run,
+                                 sync_pipeline)
 from flows.plan import Step, complete, make_plan, write_stage_record
 from flows.runs import run_dag
 from stages.base import read_artifact
@@ -47,6 +50,12 @@ def load_run(run_file: str) -> tuple[dict, Dag, list[Step]]:
         dag = run_dag(Path(run_file), spec)
         remember_run(run_file, spec, dag, make_plan(dag, spec.get("only"), tuple(spec.get("rerun", ()))))
     return _RUNS[str(run_file)]
+
+
+def refresh_prefect_settings() -> None:
+    """Prefect re-reads its settings (PREFECT_API_URL changed after it was imported)."""
+    from prefect.context import refresh_global_settings_context
+    refresh_global_settings_context()
 
 
 def create_prefect_db() -> None:
@@ -109,8 +118,9 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
                 raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
                                   node.out_dir / "worker.log")
         except BaseException as e:
-            if isinstance(e, StageFailed):  # on disk first: MLflow may be the next thing to fail
-                write_failure(node.out_dir, stage, key, e.code, e.tail, e.log_path)
+            # whatever ended the attempt (the worker, a signal, an error here), on disk first:
+            # MLflow may be the next thing to fail, and a signal ends the task Crashed
+            write_failure(node.out_dir, stage, key, *attempt_failure(e, node.out_dir / "worker.log"))
             if mlflow_run:
                 guarded(warn, f"closing {stage}'s run", lineage.fail_stage, mlflow_run)
             raise
@@ -118,9 +128,48 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         recorded = bool(mlflow_run) and guarded(  # else the end-of-run sync records it from disk
             warn, f"recording {stage}", lineage.finish_stage, mlflow_run, node, config, artifact,
             parent_keys, upstream) is not None
+        if recorded:
+            note_recorded(node, dag.pipeline.tracking_uri, mlflow_run)
         logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
         return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started,
                       recorded=recorded)
+
+
+def attempt_failure(e: BaseException, log_path: Path) -> tuple[int, list[str], Path]:
+    """failure.json's exit code, lines and log for an attempt that ``e`` ended: the worker's own
+    for StageFailed; 128 + signal for a SIGINT or SIGTERM to forge (KeyboardInterrupt, forge's
+    runner.Stopped, Prefect's TerminationSignal), which the worker got too and checkpointed on;
+    1 for an error in this process. The lines: the end of worker.log, then forge's word."""
+    if isinstance(e, StageFailed):
+        return e.code, list(e.tail), e.log_path
+    tail = _log_tail(log_path)
+    signum = getattr(e, "signum", None) or getattr(e, "signal", None)
+    if signum is None and isinstance(e, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if isinstance(signum, int) and signum > 0:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return 128 + signum, tail + [f"[forge] stopped by {name}; the stage resumes from its newest "
+                                     "checkpoint when it runs again"], log_path
+    return 1, tail + [f"[forge] {line}" for line in
+                      "".join(traceback.format_exception_only(type(e), e)).splitlines()], log_path
+
+
+def _log_tail(log_path: Path, progress: int = 6, last: int = 12) -> list[str]:
+    """The end of the last attempt in worker.log: its last ``progress`` lines of the worker's own
+    (``[stage] ...``: where it stopped, what it saved) and its last ``last`` lines (a launcher's
+    traceback can be longer than everything else)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    starts = [i for i, line in enumerate(lines) if line.startswith("--- ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    keep = {i for i, line in enumerate(lines) if line.startswith("[")}
+    keep = set(sorted(keep)[-progress:]) | set(range(max(0, len(lines) - last), len(lines)))
+    return [lines[i] for i in sorted(keep)]
 
 
 def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0,
@@ -138,7 +187,11 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     logger = get_run_logger()
     spec, dag, steps = load_run(run_file)
     warn = logger.warning
-    lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
+    uri = dag.pipeline.tracking_uri
+    tracking = needs_tracking(dag, steps)
+    if not tracking:
+        logger.info("nothing to run, and MLflow holds every stage's lineage: nothing to record")
+    lineage = tracking and connect(uri, dag.pipeline.tracking.experiment, warn) or None
     parent_run = lineage and guarded(warn, "opening the pipeline run", lineage.start_pipeline,
                                      dag.pipeline.name, spec["resolved"], spec["overrides"],
                                      str(flow_run.get_id()))
@@ -177,7 +230,10 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
             if not records[step.name]["executed"]:
                 if lineage and parent_run:
                     producer = guarded(warn, f"recording cached {step.name}",
-                                       lineage.record_cached, parent_run, step.name, step.node.key)
+                                       lineage.record_cached, parent_run, step.name, step.node.key,
+                                       noted_run(step.node, uri))
+                    if producer is not None:
+                        note_recorded(step.node, uri, producer)
                     records[step.name]["mlflow_run"] = producer
                     records[step.name]["recorded"] = producer is not None
                 logger.info(f"{step.name}: cached -> {step.node.out_dir}")
@@ -189,11 +245,12 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
         if pending:
             warn(f"MLflow: lineage of {', '.join(pending)} is not recorded yet; the next run of "
                  "this pipeline records it from disk")
-        lineage = lineage or connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment,
-                                     warn)
+        if parent_run:   # MLflow answered: this run has a pipeline run to close
+            lineage = lineage or connect(uri, dag.pipeline.tracking.experiment, warn)
         if lineage and parent_run:
-            lineage.log_loss_plot(parent_run, dag.nodes.values(),
-                                  f"{dag.pipeline.name}: training loss across phases", warn)
+            if any(r.get("executed") for r in records.values()):   # else the same picture again
+                lineage.log_loss_plot(parent_run, dag.nodes.values(),
+                                      f"{dag.pipeline.name}: training loss across phases", warn)
             guarded(warn, "closing the pipeline run", lineage.end_pipeline, parent_run,
                     failed is None)
     result = {"parent_run": parent_run, "stages": records, "failed": failed,

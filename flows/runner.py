@@ -2,7 +2,13 @@
 
 Everything that can be wrong with the input is found before Prefect starts or any worker runs.
 Prefect and MLflow default to files inside the store (``<store>/prefect``, ``<store>/mlflow.db``)
-unless PREFECT_API_URL / PREFECT_HOME or ``tracking.uri`` point elsewhere.
+unless PREFECT_API_URL / PREFECT_HOME or ``tracking.uri`` point elsewhere. Without PREFECT_API_URL a
+run starts a Prefect server of its own (``flows/prefect_server.py``) in a session of its own, so that a
+Ctrl-C typed into the terminal reaches forge (which stops the run) but not the server it still
+needs to record that; the server stops when forge does.
+
+SIGINT and SIGTERM stop a run the same way (``Stopped``): the stage in progress checkpoints, the run
+is recorded as cancelled, and ``forge resume RUN_ID`` continues it.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import dataclasses
 import fcntl
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +26,7 @@ from typing import Callable
 from flows import config as config_mod
 from flows.dag import Dag, build
 from flows.plan import Step, check_runnable, format_plan, make_plan
+from flows.prefect_server import prefect_api
 from flows.runs import write_status
 from stages.schema import ConfigError
 
@@ -113,8 +122,9 @@ def init_stores(prep: Prepared) -> None:
         if not os.environ.get("PREFECT_API_URL"):
             from flows.pipeline import create_prefect_db  # imports Prefect
             create_prefect_db()
-        from flows.tracking.sync import connect  # MLflow down: the run goes on, lineage catches up
-        connect(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment, print)
+        from flows.tracking.sync import connect, needs_tracking
+        if needs_tracking(prep.dag, prep.steps):   # MLflow down: the run goes on, lineage catches up
+            connect(prep.dag.pipeline.tracking_uri, prep.dag.pipeline.tracking.experiment, print)
 
 
 def write_run_file(prep: Prepared) -> tuple[Path, dict]:
@@ -130,7 +140,10 @@ def write_run_file(prep: Prepared) -> tuple[Path, dict]:
 
 
 def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
-    """Run the planned stages under Prefect; return the flow's result (raises on stage failure)."""
+    """Run the planned stages under Prefect; return the flow's result (raises on stage failure).
+
+    A SIGINT or SIGTERM (``Stopped`` under `forge run`, else KeyboardInterrupt or Prefect's
+    TerminationSignal) records the run as cancelled and goes on up (``Stopped`` with the run id)."""
     check_runnable(prep.steps)
     from flows.compute_view import check_fits
     check_fits(prep.compute, prep.steps)   # a stage that cannot fit its devices stops here
@@ -142,12 +155,18 @@ def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
     say(f"run id {run_file.stem}  (forge runs {run_file.stem}; forge resume {run_file.stem})")
     write_status(run_file, "running")
     try:
-        from flows.pipeline import forge_pipeline, remember_run  # imports Prefect
-        remember_run(str(run_file), spec, prep.dag, prep.steps)   # planned once, above
-        state = forge_pipeline(str(run_file), prep.dag.pipeline.name, return_state=True)
-    except KeyboardInterrupt:
-        write_status(run_file, "cancelled")
-        raise
+        with prefect_api(say):   # forge's own server unless PREFECT_API_URL is set
+            from flows.pipeline import forge_pipeline, remember_run  # imports Prefect
+            remember_run(str(run_file), spec, prep.dag, prep.steps)   # planned once, above
+            state = forge_pipeline(str(run_file), prep.dag.pipeline.name, return_state=True)
+    except BaseException as e:
+        signum = stop_signal(e)
+        if signum is None:
+            raise
+        write_status(run_file, "cancelled", signal=signal.Signals(signum).name)
+        if isinstance(e, Stopped):
+            e.run_id = run_file.stem
+        raise   # Prefect's own TerminationSignal unchanged: a deployment's engine handles it
     if state.is_failed():
         try:
             state.result()
@@ -158,6 +177,33 @@ def execute(prep: Prepared, say: Callable[[str], None] = print) -> dict:
     run_file.with_suffix(".result.json").write_text(json.dumps(result, indent=2, default=str))
     write_status(run_file, "completed")
     return result
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGINT or SIGTERM to forge ended the run (``run_id``, once it has one). The worker got the
+    signal too and checkpointed; the run is recorded as cancelled. A KeyboardInterrupt, so that
+    every layer in between (Prefect's engines, MLflow, Python) unwinds as it does for a Ctrl-C."""
+
+    def __init__(self, signum: int, run_id: str | None = None):
+        super().__init__(signum)
+        self.signum, self.run_id = int(signum), run_id
+
+
+def raise_stopped(signum: int, frame) -> None:
+    """The SIGINT and SIGTERM handler of `forge run` and `forge resume`."""
+    raise Stopped(signum)
+
+
+def stop_signal(e: BaseException) -> int | None:
+    """The signal behind ``e`` if a SIGINT or SIGTERM ended the run, else None."""
+    if isinstance(e, Stopped):
+        return e.signum
+    if isinstance(e, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    terminated = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", None)
+    if terminated is not None and isinstance(e, terminated):   # Prefect's SIGTERM handler's
+        return int(e.signal)
+    return None
 
 
 class PipelineFailed(RuntimeError):
@@ -177,7 +223,8 @@ def summary(prep: Prepared, result: dict) -> str:
                     if "loss_first" in m and "loss_last" in m else "")
             lines.append(f"  {name:<12} {Path(rec['out_dir']) / rec['outputs']['checkpoint']}{loss}")
     uri = result["tracking_uri"]
-    lines.append(f"MLflow: parent run {result['parent_run']} in {uri}")
+    lines.append(f"MLflow: parent run {result['parent_run']} in {uri}" if result["parent_run"] else
+                 f"MLflow: nothing new to record; every stage's run is in {uri}")
     if uri.startswith(("http://", "https://")):
         lines.append(f"  open the UI:  {uri}")
     else:

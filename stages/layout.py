@@ -7,6 +7,8 @@
 - ``spec.json``      the resolved spec the worker reads; ``worker.log`` its output;
 - ``metrics.jsonl``  one line per logged step (on disk before it reaches MLflow);
 - ``failure.json``   the last attempt failed (exit code, log tail);
+- ``lineage.json``   MLflow holds the stage's lineage (which store, which run): a rerun that runs
+  nothing need not open MLflow to find out;
 - ``checkpoints/iter_XXXXXXX/`` complete checkpoints once their ``done`` manifest is written;
   ``checkpoints/.tmp-iter_XXXXXXX`` a save in progress; ``checkpoints/rejected-iter_XXXXXXX-<time>``
   a checkpoint that failed its checksums, kept aside for a person to look at (never resumed from).
@@ -25,6 +27,7 @@ SPEC_FILE = "spec.json"
 WORKER_LOG = "worker.log"
 METRICS_FILE = "metrics.jsonl"
 FAILURE_FILE = "failure.json"
+LINEAGE_FILE = "lineage.json"  # MLflow holds this stage: tracking URI, key, run id
 CHECKPOINTS = "checkpoints"
 DONE = "done"            # JSON manifest; its presence (and validity) marks a complete checkpoint
 STATE = "state.json"     # a checkpoint's train state

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import start_prefect_server
+from tests.support.helpers import start_prefect_server
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,12 +30,18 @@ __all__ = ["Lineage", "MetricsTail", "TAG_KEY", "lineage_for"]
 ARTIFACTS = "mlartifacts"   # <store>/mlartifacts, beside <store>/mlflow.db
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for servers)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?")[0]).resolve()
+    return None
+
+
 def artifact_root(uri: str) -> Path | None:
     """Where a sqlite tracking store keeps run artifacts: beside its database file (MLflow's own
     default is ./mlruns of whatever directory the pipeline was started from). None for servers."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):].split("?")[0]).resolve().parent / ARTIFACTS
-    return None
+    db = sqlite_file(uri)
+    return db.parent / ARTIFACTS if db is not None else None
 
 
 def config_digest(config: dict) -> str:
@@ -133,7 +139,13 @@ class Lineage:
                                                   max_results=1)
         return (runs[0].info.run_id if runs else None), (models[0].model_id if models else None)
 
-    def record_cached(self, parent_run: str, stage: str, key: str) -> str | None:
+    def record_cached(self, parent_run: str, stage: str, key: str,
+                      known_run: str | None = None) -> str | None:
+        """Link the pipeline run to the run that made a cached stage (``known_run``: noted on
+        disk when it was recorded, so MLflow need not be searched)."""
+        if known_run is not None:
+            self.client.set_tag(parent_run, f"forge.cached.{stage}", known_run)
+            return known_run
         run_id, model_id = self.producer(key)
         if run_id is None:   # recorded at the end of this run, from disk (flows/tracking/sync.py)
             return None

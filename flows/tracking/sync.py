@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from flows.tracking.lineage import Lineage, MetricsTail, TAG_KEY, lineage_for
+from flows.tracking.lineage import Lineage, MetricsTail, TAG_KEY, lineage_for, sqlite_file
 from flows.plan import complete
 from stages.base import read_artifact
-from stages.layout import STAGE_RECORD
+from stages.layout import LINEAGE_FILE, STAGE_RECORD
 
 Warn = Callable[[str], None]
 
@@ -35,6 +35,40 @@ def connect(uri: str, experiment: str, warn: Warn) -> Lineage | None:
     return guarded(warn, f"connecting to {uri}", lineage_for, uri, experiment)
 
 
+def noted_run(node: Any, uri: str) -> str | None:
+    """The MLflow run that holds this stage's lineage in tracking store ``uri``, as noted on disk
+    when it was recorded (None: not noted, another store, or a sqlite store that is gone)."""
+    try:
+        note = json.loads((node.out_dir / LINEAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(note, dict) or note.get("uri") != uri or note.get("key") != node.key:
+        return None
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():   # the store was deleted: MLflow holds nothing
+        return None
+    return note.get("run_id")
+
+
+def note_recorded(node: Any, uri: str, run_id: str) -> None:
+    tmp = node.out_dir / f".{LINEAGE_FILE}.tmp"
+    tmp.write_text(json.dumps({"uri": uri, "key": node.key, "run_id": run_id}))
+    tmp.replace(node.out_dir / LINEAGE_FILE)
+
+
+def pending(dag: Any, names: list[str]) -> list[str]:
+    """Complete stages among ``names`` whose lineage MLflow may not hold yet (no note on disk)."""
+    uri = dag.pipeline.tracking_uri
+    return [n for n in names if complete(dag.nodes[n]) and noted_run(dag.nodes[n], uri) is None]
+
+
+def needs_tracking(dag: Any, steps: list[Any]) -> bool:
+    """A run that executes nothing, of stages whose lineage MLflow holds, has nothing to record:
+    it does not import MLflow or open its store (most of a fully cached rerun's time)."""
+    return (any(s.executes for s in steps)
+            or bool(pending(dag, [s.name for s in steps if s.action == "cached"])))
+
+
 def open_run(lineage: Lineage, key: str) -> str | None:
     """A run of this key left RUNNING (MLflow went away before the stage finished), if any."""
     runs = lineage.client.search_runs([lineage.experiment_id], f"tags.`{TAG_KEY}` = '{key}' and "
@@ -45,9 +79,12 @@ def open_run(lineage: Lineage, key: str) -> str | None:
 
 def sync_stage(lineage: Lineage, parent_run: str | None, pipeline: str, node: Any, dag: Any) -> str | None:
     """Make MLflow hold this complete stage; return its run id (None: not complete on disk)."""
-    run_id, _ = lineage.producer(node.key)
-    if run_id is not None or not complete(node):
+    run_id = noted_run(node, lineage.uri) or lineage.producer(node.key)[0]
+    if run_id is not None:
+        note_recorded(node, lineage.uri, run_id)
         return run_id
+    if not complete(node):
+        return None
     record = json.loads((node.out_dir / STAGE_RECORD).read_text())
     config, parent_keys = record["config"], record["parent_keys"]
     rid = open_run(lineage, node.key)
@@ -56,21 +93,24 @@ def sync_stage(lineage: Lineage, parent_run: str | None, pipeline: str, node: An
     MetricsTail(lineage, rid, node.out_dir / "metrics.jsonl").poll(raise_errors=True)
     upstream = {p: read_artifact(dag.nodes[p].out_dir) for p in node.parents}
     lineage.finish_stage(rid, node, config, read_artifact(node.out_dir), parent_keys, upstream)
+    note_recorded(node, lineage.uri, rid)
     return rid
 
 
 def sync_pipeline(dag: Any, names: list[str], parent_run: str | None, spec: dict, flow_run_id: str,
                   warn: Warn) -> tuple[str | None, list[str]]:
     """Catch MLflow up on this run's stages; returns (parent run, stages still pending)."""
+    todo = pending(dag, names)
+    if not todo:
+        return parent_run, []
     lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
-    pending = [n for n in names if complete(dag.nodes[n])]
     if lineage is None:
-        return parent_run, pending
+        return parent_run, todo
     if parent_run is None:
         parent_run = guarded(warn, "opening the pipeline run", lineage.start_pipeline,
                              dag.pipeline.name, spec["resolved"], spec["overrides"], flow_run_id)
     left = []
-    for name in pending:
+    for name in todo:
         if guarded(warn, f"recording {name}", sync_stage, lineage, parent_run, dag.pipeline.name,
                    dag.nodes[name], dag) is None:
             left.append(name)

@@ -12,7 +12,6 @@ rows keep their original order. Reruns write the same bytes.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import time

@@ -12,7 +12,6 @@ Prompt and text are encoded separately, so the text's first token starts at the 
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 import warnings

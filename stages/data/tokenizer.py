@@ -9,7 +9,6 @@ Training reads the first ``max_documents`` documents of every ``sources/<name>``
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path

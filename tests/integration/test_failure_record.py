@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import SMALL, forge
+from tests.support.helpers import SMALL, forge
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LONG_CONTEXT, SMALL, SMALL_LONG_CONTEXT, executed, forge, last_result
+from tests.support.helpers import LONG_CONTEXT, SMALL, SMALL_LONG_CONTEXT, executed, forge, last_result
 
 pytestmark = pytest.mark.slow
 STEPS = [f"{kind}-{i}" for i in (1, 2, 3) for kind in ("extend", "eval-extend", "merge", "eval-merge")]

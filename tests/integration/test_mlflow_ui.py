@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SMALL, executed, forge, last_result
+from tests.support.helpers import ROOT, SMALL, executed, forge, last_result
 
 pytestmark = pytest.mark.slow
 ONLY = "data|tokenizer|tokenize|pretrain-1"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONLY_BUILT, SMALL, executed, forge, last_result
+from tests.support.helpers import ONLY_BUILT, SMALL, executed, forge, last_result
 
 pytestmark = pytest.mark.slow
 PHASES = ["pretrain-1", "pretrain-2", "pretrain-3", "pretrain-4"]

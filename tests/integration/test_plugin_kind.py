@@ -55,8 +55,9 @@ def test_its_checks_and_preflight_run_before_anything_is_written(tmp_path):
 def test_a_run_builds_and_plans_once_and_asks_mlflow_once_per_cached_stage(tmp_path, prefect_server,
                                                                           monkeypatch):
     """The flow and its tasks reuse the DAG and plan `forge run` made (they rebuilt it N+2 times,
-    each reading every artifact.json); a cached stage is looked up in MLflow once per run (the
-    end-of-run sync asked again about stages the run had just recorded)."""
+    each reading every artifact.json); a fully cached rerun looks nothing up in MLflow (the
+    end-of-run sync asked again about every stage; the stages' lineage notes say MLflow has it),
+    and a rerun that runs one stage links the cached one from its note, without a search."""
     import flows.pipeline
     import flows.runs
     from flows.tracking.lineage import Lineage
@@ -75,4 +76,15 @@ def test_a_run_builds_and_plans_once_and_asks_mlflow_once_per_cached_stage(tmp_p
     prep = runner.prepare_dag(pipeline(tmp_path))
     result = runner.execute(prep, say=lambda line: None)
     assert not any(r["executed"] for r in result["stages"].values())
-    assert calls == {"build": 0, "plan": 0, "producer": 2}, calls   # one lookup per cached stage
+    assert calls == {"build": 0, "plan": 0, "producer": 0}, calls   # noted on disk: no lookup
+    assert result["parent_run"] is None                               # and no empty MLflow run
+
+    prep = runner.prepare_dag(pipeline(tmp_path), rerun=("second",))
+    result = runner.execute(prep, say=lambda line: None)
+    assert [n for n, r in result["stages"].items() if r["executed"]] == ["second"]
+    # one search: second's run looks up its parent's logged model; cached `first` is linked from
+    # its note (a search each before)
+    assert calls["producer"] == 1 and result["parent_run"] is not None
+    from mlflow import MlflowClient
+    tags = MlflowClient(prep.dag.pipeline.tracking_uri).get_run(result["parent_run"]).data.tags
+    assert tags["forge.cached.first"] == result["stages"]["first"]["mlflow_run"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SMALL, executed, forge, last_result
+from tests.support.helpers import ROOT, SMALL, executed, forge, last_result
 from tests.support.final_state import FinalState, differences, final_state
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, SMALL, forge
+from tests.support.helpers import ROOT, SMALL, forge
 
 pytestmark = pytest.mark.slow
 NAME = "ci-nightly"

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.helpers import ROOT, SMALL
+from tests.support.helpers import ROOT, SMALL
 
 
 def forge(*args, cwd, store=None):

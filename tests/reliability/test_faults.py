@@ -1,6 +1,6 @@
 """Faults a training stage must survive, injected into real worker processes (issue 4, item 6).
 
-The machinery and the judgement live in ``tests/faults.py`` (shared with ``benchmarks/faults.py``,
+The machinery and the judgement live in ``tests/support/faults.py`` (shared with ``benchmarks/faults.py``,
 which runs many more trials and prints a table). Each test runs one or two trials on a tiny phase
 (40 steps, a checkpoint every 5) at moments drawn from a seeded RNG, printed with the verdict:
 
@@ -29,7 +29,7 @@ import signal
 
 import pytest
 
-from tests.faults import STAGE, Lab, can_mount_tmpfs, worker
+from tests.support.faults import STAGE, Lab, can_mount_tmpfs, worker
 from tests.integration.test_pretrain_worker import write_spec
 
 

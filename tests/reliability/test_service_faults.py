@@ -1,5 +1,5 @@
 """Faults of the services around a run: the Prefect server restarts, or the MLflow server goes
-away, while a stage trains (the trials are in tests/service_faults.py; benchmarks/faults.py runs
+away, while a stage trains (the trials are in tests/support/service_faults.py; benchmarks/faults.py runs
 more of them). After the MLflow outage, every stage run's metrics in MLflow equal its metrics.jsonl
 and artifact.json: every key, each step of each key's history, each value bit for bit, none
 doubled."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service_faults import mlflow_outage_trial, prefect_restart_trial
+from tests.support.service_faults import mlflow_outage_trial, prefect_restart_trial
 
 pytestmark = pytest.mark.slow
 

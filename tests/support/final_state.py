@@ -1,5 +1,5 @@
 """What "a resumed run ends bit-identical to an uninterrupted one" compares, for a training stage's
-output dir (tests/faults.py, tests/integration/test_resume_and_concurrency.py):
+output dir (tests/support/faults.py, tests/integration/test_resume_and_concurrency.py):
 
 - every tensor of the final checkpoint, weights and AdamW moments, bit for bit (dtype, shape, bytes);
 - its train state (``state.json``: phase steps, tokens of the phase and in total, consumed samples,

@@ -12,7 +12,7 @@ from flows import runner
 from flows.failures import FAILURE_FILE, clear_failure, last_failure, write_failure
 from flows.graph import BOX_H, BOX_W, STATE_COLOURS, draw_dag, fmt_tokens, layout
 from stages.base import Artifact, write_artifact
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 
 def plan(store, *overrides, only=None):

@@ -100,3 +100,30 @@ def test_hydra_and_prefect_have_the_documented_homes():
         users = {m for m, path in modules().items() for name in imported(path)
                  if name.split(".")[0] == lib}
         assert users <= allowed, f"{lib} imported by {sorted(users - allowed)}"
+
+
+def test_flows_never_asks_which_kind_a_stage_is():
+    """flows/ learns about a stage through the StageKind hooks only: it names no kind (no string
+    equal to a kind's name, as in `node.kind == "pretrain"`) and imports no kind's module. The one
+    family module it reads is the compute-plan arithmetic that ``StageKind.compute_plan`` returns."""
+    from stages import KINDS
+    allowed = {"stages", "stages.base", "stages.schema", "stages.specs", "stages.cluster",
+               "stages.launch_spec", "stages.layout", "stages.training.compute"}
+    named, imports = [], []
+    for m, path in modules().items():
+        if not m.startswith("flows"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in KINDS:
+                named.append((m, node.value, node.lineno))
+        imports += [(m, target) for target in edges()[m]
+                    if target.startswith("stages") and target not in allowed]
+    assert not named, f"flows/ names stage kinds: {named}"
+    assert not imports, f"flows/ imports kind modules: {imports}"
+
+
+def test_benchmarks_import_shared_helpers_not_test_modules():
+    bad = [(path.name, name) for path in (ROOT / "benchmarks").glob("*.py")
+           for name in imported(path) if name.startswith("tests")
+           and not (name == "tests.support" or name.startswith("tests.support."))]
+    assert not bad, f"benchmarks import test modules: {bad}"

@@ -1,5 +1,5 @@
 """Trials of the services around a run failing mid-stage: the Prefect server restarts, or the MLflow
-server goes away and comes back. Each returns a ``tests.faults.Trial``; the CI tests
+server goes away and comes back. Each returns a ``tests.support.faults.Trial``; the CI tests
 (``tests/reliability/test_service_faults.py``) run one each, ``benchmarks/faults.py`` more.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.faults import Trial
-from tests.helpers import ROOT, SMALL, executed, last_result, start_prefect_server
+from tests.support.faults import Trial
+from tests.support.helpers import ROOT, SMALL, executed, last_result, start_prefect_server
 
 UP_TO_P1 = ["data", "tokenizer", "tokenize", "pretrain-1"]
 

@@ -45,7 +45,7 @@ import numpy as np
 from tests.integration.test_pretrain_worker import CONFIG_A, GBS, SEQ, make_tokenized, write_spec
 from tests.support.final_state import FinalState, differences, final_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = "pretrain-a"
 STEPS, EVERY = 40, 5
 CONFIG = dict(CONFIG_A, tokens=STEPS * GBS * SEQ, checkpoint_interval=EVERY, keep_checkpoints=2,
