@@ -1,8 +1,9 @@
 """Fully cached rerun of the tiny pipeline vs a bare Prefect flow with as many no-op tasks.
 
 Both run as fresh processes, side by side in this one script, each timed from process start to
-exit, in two Prefect modes: embedded (ephemeral server started by the run) and against a running
-`prefect server` on 127.0.0.1. Goal: forge / bare <= 1.5 in each mode.
+exit, in two Prefect modes: local (no PREFECT_API_URL: forge starts its own server, the bare flow
+Prefect's ephemeral one) and against a running `prefect server` on 127.0.0.1. Goal: forge / bare
+<= 1.5 in each mode.
 
     python benchmarks/cached_rerun.py [--store DIR] [--repeats 3]
 """
@@ -69,7 +70,7 @@ def main() -> None:
     bare_cmd = [sys.executable, str(bare_file), str(n_tasks)]
 
     rows = []
-    for mode in ("embedded", "server"):
+    for mode in ("local", "server"):
         server = None
         env_f, env_b = dict(base), dict(base)
         if mode == "server":
@@ -78,7 +79,7 @@ def main() -> None:
             env_f["PREFECT_API_URL"] = env_b["PREFECT_API_URL"] = url
         f_times, b_times = [], []
         for i in range(args.repeats):
-            if mode == "embedded":  # fresh Prefect home each time: the cost a new shell pays
+            if mode == "local":  # fresh Prefect home each time: the cost a new shell pays
                 env_f["PREFECT_HOME"] = str(work / f"f-home-{i}")
                 env_b["PREFECT_HOME"] = str(work / f"b-home-{i}")
             f_times.append(timed(forge_cmd, env_f))
