@@ -106,10 +106,15 @@ def test_mlflow_holds_lineage(built):
 
 
 def test_cached_stage_is_linked_to_its_producer(built):
+    """A fully cached rerun records nothing (no MLflow run: nothing was made); a rerun in which one
+    stage runs links each cached stage to the run that made it."""
     from mlflow import MlflowClient
     store, _, first = built
     forge("run", *SMALL, "--only", ONLY_BUILT, store=store)
+    assert last_result(store)["parent_run"] is None
+    forge("run", *SMALL, "--only", ONLY_BUILT, "--rerun", "data", store=store)
     rerun = last_result(store)
+    assert executed(rerun) == {"data"}
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     tags = client.get_run(rerun["parent_run"]).data.tags
     producer = tags["forge.cached.pretrain-2"]
