@@ -4,7 +4,8 @@ A child run carries the stage's resolved config as params, its identity key, par
 git commit as tags, its training curve as metrics, every data source it read as a dataset input
 (with digest), the parent stages' models as model inputs, and its own checkpoint as a LoggedModel
 output, by reference (URI + manifest; weights are never uploaded). A stage served from cache is
-recorded on the parent run with a link to the run that produced it. Everything is read from the
+recorded on the parent run with a link to the run that produced it (a run that executes nothing
+records nothing: ``flows/tracking/sync.needs_tracking``). Everything is read from the
 stage's output dir (artifact.json, metrics.jsonl), so MLflow is a view, not the truth.
 A model stage's LoggedModel is also registered as a model version (flows/tracking/registry.py). A sqlite
 store keeps its artifacts in ``<store>/mlartifacts``, which `forge ui` (flows/tracking/ui.py) serves.
