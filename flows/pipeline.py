@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
@@ -29,7 +30,7 @@ from flows.tracking.sync import (connect, guarded, needs_tracking, note_recorded
 from flows.plan import Step, complete, make_plan, write_stage_record
 from flows.runs import run_dag
 from stages.base import read_artifact
-from stages.layout import ARTIFACT_FILE
+from stages.layout import ARTIFACT_FILE, PART_DONE, part_dir, part_record
 from stages.schema import to_dict
 
 
@@ -95,13 +96,7 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         config = to_dict(node.config)
         write_stage_record(node, parent_keys, config, started)
         clear_failure(node.out_dir)  # this attempt replaces the last one
-        inputs = {p: {"out_dir": str(dag.nodes[p].out_dir),
-                      "artifact": json.loads((dag.nodes[p].out_dir / ARTIFACT_FILE).read_text())}
-                  for p in node.parents}
-        cluster = node.kind_cls.layout(node.config, dag.pipeline.cluster)
-        worker_spec = {"kind": node.kind, "kind_module": node.kind_cls.__module__, "stage": stage,
-                       "key": key, "config": config, "inputs": inputs, "out_dir": str(node.out_dir),
-                       "cluster": to_dict(cluster)}
+        cluster, spec = worker_spec(dag, node)
         warn = logger.warning
         lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
         mlflow_run = lineage and guarded(warn, f"opening {stage}'s run", lineage.start_stage,
@@ -111,8 +106,9 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
                 else contextlib.nullcontext())
         try:
             with tail:
-                run_worker(stage, node.kind_cls.launcher, cluster, worker_spec, node.out_dir,
-                           logger.info)
+                for part in node.kind_cls.parts(node.config):   # a fan-out: its parts first
+                    run_part(stage, part, run_file, retry=dag.pipeline.stages[stage].retry)
+                run_worker(stage, node.kind_cls.launcher, cluster, spec, node.out_dir, logger.info)
             artifact = read_artifact(node.out_dir)
             if artifact is None or artifact.key != key:
                 raise StageFailed(stage, 0, ["worker exited 0 but wrote no artifact.json"],
@@ -133,6 +129,52 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
         return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started,
                       recorded=recorded)
+
+
+def worker_spec(dag: Dag, node: Node) -> tuple[Any, dict]:
+    """The stage's layout and the spec its worker reads (parents' artifacts, resolved config)."""
+    inputs = {p: {"out_dir": str(dag.nodes[p].out_dir),
+                  "artifact": json.loads((dag.nodes[p].out_dir / ARTIFACT_FILE).read_text())}
+              for p in node.parents}
+    cluster = node.kind_cls.layout(node.config, dag.pipeline.cluster)
+    return cluster, {"kind": node.kind, "kind_module": node.kind_cls.__module__, "stage": node.name,
+                     "key": node.key, "config": to_dict(node.config), "inputs": inputs,
+                     "out_dir": str(node.out_dir), "cluster": to_dict(cluster)}
+
+
+@task(cache_policy=NO_CACHE)
+def stage_part(stage: str, part: str, run_file: str) -> dict:
+    """One part of a fanned-out stage (a curation shard): a worker run of its own, in
+    ``parts/<part>/``, unless its done.json (the part's truth) is there already."""
+    logger = get_run_logger()
+    _, dag, _ = load_run(run_file)
+    node = dag.nodes[stage]
+    done = part_record(node.out_dir, part)
+    if done is not None:
+        logger.info(f"{stage}: {part} cached ({part_dir(node.out_dir, part) / PART_DONE})")
+        return {"part": part, "executed": False, "record": done}
+    if TaskRunContext.get().task_run.run_count > 1:
+        logger.info(f"{stage}: {part}: attempt {TaskRunContext.get().task_run.run_count}")
+    cluster, spec = worker_spec(dag, node)
+    folder = part_dir(node.out_dir, part)
+    started = time.time()
+    run_worker(f"{stage}/{part}", node.kind_cls.launcher, cluster, dict(spec, part=part), folder,
+               logger.info)
+    done = part_record(node.out_dir, part)
+    if done is None:
+        raise StageFailed(stage, 0, [f"{part}: worker exited 0 but wrote no {PART_DONE}"],
+                          folder / "worker.log")
+    logger.info(f"{stage}: {part} done in {time.time() - started:.1f}s")
+    return {"part": part, "executed": True, "record": done}
+
+
+def run_part(stage: str, part: str, run_file: str, retry: Any = None) -> dict:
+    """Part ``part`` as its own task run (named ``stage/part`` in the Prefect UI), retried alone
+    per the stage's ``retry:``; its failure fails the stage, and the parts done stay done."""
+    options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s} if retry else {}
+    state = stage_part.with_options(task_run_name=f"{stage}/{part}", **options)(
+        stage, part, run_file, return_state=True)
+    return state.result()   # raises the part's own error (StageFailed with its log tail)
 
 
 def attempt_failure(e: BaseException, log_path: Path) -> tuple[int, list[str], Path]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.layout import ARTIFACT_FILE, METRICS_FILE, file_digest, problem
+from stages.layout import ARTIFACT_FILE, METRICS_FILE, PART_DONE, file_digest, part_dir, problem
 from stages.schema import ConfigError
 
 __all__ = ["ARTIFACT_FILE", "Artifact", "file_digest", "RunContext", "StageGraph", "StageInput", "StageKind"]
@@ -77,6 +77,19 @@ def write_artifact(out_dir: Path, artifact: Artifact) -> Path:
     final = out_dir / ARTIFACT_FILE
     os.replace(tmp, final)
     return final
+
+
+def write_part_record(out_dir: Path, part: str, record: dict) -> Path:
+    """Mark part ``part`` done: its ``done.json``, written atomically, last."""
+    folder = part_dir(out_dir, part)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PART_DONE}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / PART_DONE)
+    return folder / PART_DONE
 
 
 def read_artifact(out_dir: Path) -> Artifact | None:
@@ -149,6 +162,14 @@ class StageKind:
         any stage of the run starts. Raise ConfigError with the fix."""
 
     @classmethod
+    def parts(cls, config: Any) -> tuple[str, ...]:
+        """A fan-out: the parts that run, in this order, before ``run`` gathers them. Each part is
+        a worker run of its own and a task run of its own in the orchestrator, retried alone and
+        done once its ``parts/<part>/done.json`` exists (``run_part``'s record), so a rerun after
+        a failure redoes only the parts not done. () : the stage is one run (most kinds)."""
+        return ()
+
+    @classmethod
     def resume_point(cls, out_dir: Path) -> Path | None:
         """The checkpoint an unfinished attempt resumes from (None: it starts over)."""
         return None
@@ -186,6 +207,12 @@ class StageKind:
     @classmethod
     def run(cls, config: Any, inputs: dict[str, StageInput], out_dir: Path, ctx: "RunContext") -> Artifact:
         raise NotImplementedError(f"stage kind {cls.name!r}: {cls.not_built_reason}")
+
+    @classmethod
+    def run_part(cls, config: Any, inputs: dict[str, StageInput], out_dir: Path, ctx: "RunContext",
+                 part: str) -> dict:
+        """Run one of ``parts(config)``; return its small JSON record (written to done.json)."""
+        raise NotImplementedError(f"stage kind {cls.name!r} has no parts")
 
 
 class StageGraph(Mapping):
@@ -255,6 +282,7 @@ class RunContext:
     cluster: Any
     seed: int = 1234
     kind: str = ""
+    part: str = ""   # the part of a fanned-out stage this worker runs ("": the stage's run)
 
     def metric(self, out_dir: Path, step: int, **values: float) -> None:
         """Append one line to metrics.jsonl (metrics are on disk before they reach MLflow)."""

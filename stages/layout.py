@@ -9,6 +9,8 @@
 - ``failure.json``   the last attempt failed (exit code, log tail);
 - ``lineage.json``   MLflow holds the stage's lineage (which store, which run): a rerun that runs
   nothing need not open MLflow to find out;
+- ``parts/<part>/`` one part of a fanned-out stage (curation's split and shards): its ``spec.json``,
+  ``worker.log``, its files, and ``done.json`` last (the part's only proof of completion);
 - ``checkpoints/iter_XXXXXXX/`` complete checkpoints once their ``done`` manifest is written;
   ``checkpoints/.tmp-iter_XXXXXXX`` a save in progress; ``checkpoints/rejected-iter_XXXXXXX-<time>``
   a checkpoint that failed its checksums, kept aside for a person to look at (never resumed from).
@@ -29,6 +31,8 @@ METRICS_FILE = "metrics.jsonl"
 FAILURE_FILE = "failure.json"
 LINEAGE_FILE = "lineage.json"  # MLflow holds this stage: tracking URI, key, run id
 CHECKPOINTS = "checkpoints"
+PARTS = "parts"
+PART_DONE = "done.json"
 DONE = "done"            # JSON manifest; its presence (and validity) marks a complete checkpoint
 STATE = "state.json"     # a checkpoint's train state
 ITER = "iter_"
@@ -61,6 +65,26 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
 
 def rejected_name(checkpoint: Path, when: int) -> str:
     return f"{REJECTED}{Path(checkpoint).name}-{when}"
+
+
+def part_dir(out_dir: Path, part: str) -> Path:
+    """Where part ``part`` of a fanned-out stage keeps its files."""
+    return Path(out_dir) / PARTS / part
+
+
+def part_record(out_dir: Path, part: str) -> dict | None:
+    """The record a finished part left (``done.json``), or None while it is not done."""
+    path = part_dir(out_dir, part) / PART_DONE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None   # missing, or cut short: not done
+
+
+def judge_cache(out_dir: Path) -> Path:
+    """The store's cache of judge verdicts, beside the stage dirs: a rerun under another key (a
+    changed length bound, a forced rerun) asks the judge nothing it has answered before."""
+    return Path(out_dir).parent / ".cache" / "judge-verdicts.sqlite"
 
 
 def loss_mask_prefix(prefix) -> str:

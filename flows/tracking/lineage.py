@@ -206,9 +206,11 @@ class Lineage:
             self.client.finalize_logged_model(model.model_id, "READY")
             self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, int(artifact.metrics.get("steps", 0)))])
             register(self.client, self.uri, rid, model.model_id)  # never raises
-        for rel in artifact.outputs.values():  # plots people would rather look at than read
-            if rel.endswith(".png") and (node.out_dir / rel).exists():
-                self.client.log_artifact(rid, str(node.out_dir / rel))
+        for rel in artifact.outputs.values():  # plots people would rather look at than read,
+            path = node.out_dir / rel           # and reports (report/...: curation's)
+            if (rel.endswith(".png") or rel.startswith("report/")) and path.is_file():
+                folder = str(Path(rel).parent) if rel.startswith("report/") else None
+                self.client.log_artifact(rid, str(path), folder)
         self.client.log_batch(rid, tags=[RunTag("forge.artifact", str(node.out_dir / "artifact.json"))])
         self.client.set_terminated(rid, "FINISHED")
         return rid

@@ -2,7 +2,9 @@
 
 A small stand-in for the recipe's 100,352-token vocabulary, built with HF ``tokenizers``:
 digits are split one by one (so arithmetic is learnable at tiny scale), then GPT-2 style byte-level
-pre-tokenization; ``<|endoftext|>`` (EOD, id 0) and ``<|pad|>`` (id 1) are the special tokens.
+pre-tokenization; ``<|endoftext|>`` (EOD, id 0) and ``<|pad|>`` (id 1) are special tokens, and with
+``chat_roles`` (the default) so are the three role tokens of the chat format
+(``stages/data/chat_format.py``: ids 2-4), which SFT and every export's chat template need.
 Training reads the first ``max_documents`` documents of every ``sources/<name>`` output of the
 ``data`` parent, sources in name order, and runs on one thread so the same input gives the same
 ``tokenizer.json`` bytes.
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.data.chat_format import ROLE_TOKENS
 from stages.schema import ConfigError, configclass, param
 
 EOD = "<|endoftext|>"
@@ -92,7 +95,8 @@ def train_tokenizer(config: TrainTokenizerConfig, inputs: dict[str, StageInput],
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[*SPECIAL_TOKENS, *(ROLE_TOKENS if config.chat_roles else ())],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False)
     tok.train_from_iterator(corpus(), trainer=trainer)
     path = out_dir / "tokenizer.json"
@@ -117,6 +121,8 @@ class TrainTokenizerConfig:
     vocab_size: int = param(doc="BPE vocabulary size, special tokens included")
     max_documents: int = param(20000, "documents read per source to train the tokenizer", ge=1)
     min_frequency: int = param(2, "BPE merge minimum frequency", ge=0)
+    chat_roles: bool = param(True, "add the chat role tokens (<|start_of_role|>, <|end_of_role|>, "
+                                   "<|end_of_text|>) as special tokens: SFT and chat exports need them")
 
     def __post_init__(self) -> None:
         if self.vocab_size < 260:

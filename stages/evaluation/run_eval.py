@@ -37,9 +37,11 @@ def _logits_fn(model, vocab: int, device: str):
     return logits_fn
 
 
-def _heldout(model, data: StageInput, config, device: str, out_dir: Path) -> dict[str, float]:
+def _heldout(model, data: StageInput | None, config, device: str, out_dir: Path) -> dict[str, float]:
     from stages.specs import PrecisionSpec
     from stages.training.step import Env, heldout_losses
+    if data is None:
+        return {}
     prefixes = {k.split("/", 1)[1]: str(data.path(k)) for k in sorted(data.artifact.outputs)
                 if k.startswith("heldout/")}
     if not prefixes:
@@ -82,6 +84,30 @@ def _retrieval(model, probes: dict, vocab: int, config, device: str, stage: str)
     return out
 
 
+def _chat(model, tokenizer, curate: StageInput, config, context: int, vocab: int, device: str,
+          out_dir: Path, stage: str) -> dict[str, float]:
+    """``chat/*`` metrics (defined in ``evaluation/chat_eval.py``)."""
+    from stages.evaluation.chat_eval import assistant_loss, exact_match
+    t0 = time.time()
+    loss = assistant_loss(model, tokenizer, curate, context=context, device=device,
+                          batch_size=config.batch_size)
+    out = {"chat/heldout_tokens": loss["tokens"], "chat/heldout_conversations": loss["conversations"],
+           "chat/heldout_truncated": loss["truncated"]}
+    if loss["tokens"]:
+        out["chat/heldout_loss"] = loss["loss"]
+        print(f"[{stage}] held-out assistant-token loss: {loss['loss']:.4f} over {loss['tokens']} "
+              f"tokens of {loss['conversations']} conversations", flush=True)
+    em = exact_match(model, tokenizer, curate, out_dir, samples=config.chat_samples,
+                     max_new_tokens=config.max_new_tokens, context=context, vocab=vocab,
+                     device=device, batch_size=config.batch_size)
+    out |= {"chat/exact_match_prompts": em["prompts"], "chat/exact_match_correct": em["correct"]}
+    if em["prompts"]:
+        out["chat/exact_match"] = em["accuracy"]
+        print(f"[{stage}] greedy exact match: {em['correct']}/{em['prompts']} "
+              f"({time.time() - t0:.1f}s)", flush=True)
+    return out
+
+
 def heatmap(metrics: dict[str, float], config, path: Path, title: str) -> None:
     """One panel per key count: accuracy by length (rows) and needle depth (columns)."""
     import matplotlib
@@ -113,16 +139,29 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
 
     from stages.training.cpu_shim import megatron_world
     t0 = time.time()
-    model_in, data = inputs[config.from_], inputs[config.data]
+    model_in = inputs[config.from_]
+    data = inputs[config.data] if config.data is not None else None
+    curate = inputs[config.chat] if config.chat is not None else None
     checkpoint = model_in.checkpoint()   # damaged: refused before any work
     spec = spec_of_artifact(model_in)
-    longest = max((*config.lengths, config.heldout_length))
+    # the chat evaluation stays within the length the model was trained at
+    context = int(model_in.artifact.extra.get("seq_length") or spec.max_position_embeddings)
+    longest = max((*config.lengths, config.heldout_length or 0, context))
     # RoPE is computed for any length; max positions only sizes the rotary cache.
     spec = dataclasses.replace(spec, max_position_embeddings=max(spec.max_position_embeddings, longest))
     device = getattr(ctx.cluster, "device", "cpu")
     torch.set_num_threads(getattr(ctx.cluster, "threads_per_worker", 1))
-    tokenizer = Tokenizer.from_file(str(data.path("tokenizer")))
+    tokenizer = Tokenizer.from_file(str((data or model_in).path("tokenizer")))
     probes = _probes(tokenizer, config)
+    if curate is not None:
+        from stages.data.chat_format import missing_role_tokens
+        missing = missing_role_tokens(tokenizer)
+        if missing:  # before the model loads
+            raise ValueError(f"chat: the tokenizer of {config.from_} has no {', '.join(missing)} "
+                             "token(s); train it with train_tokenizer's chat_roles: true")
+        for output in ("heldout", "eval_prompts"):  # a curate stage without them: said now
+            curate.path(output)
+    vocab = min(spec.vocab_size, tokenizer.get_vocab_size())  # ids a completion can decode to
     with megatron_world():
         model = _load_model(spec, checkpoint, device)
         metrics = _heldout(model, data, config, device, out_dir)
@@ -130,6 +169,9 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
             print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "
                   f"{metrics['heldout_loss']:.4f}", flush=True)
         metrics |= _retrieval(model, probes, spec.vocab_size, config, device, ctx.stage)
+        if curate is not None:
+            metrics |= _chat(model, tokenizer, curate, config, context, vocab, device, out_dir,
+                             ctx.stage)
     outputs = {}
     if config.lengths:
         (out_dir / "retrieval.json").write_text(json.dumps(
@@ -137,11 +179,15 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
         heatmap(metrics, config, out_dir / "retrieval.png",
                 f"{ctx.stage}: retrieval of {config.from_} (rope theta {spec.rope_theta:g})")
         outputs = {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
+    if curate is not None:
+        from stages.evaluation.chat_eval import SAMPLES_FILE
+        outputs["chat_samples"] = SAMPLES_FILE
     metrics["eval_s"] = time.time() - t0
     from stages.data.words import NAMES
     chance = 1.0 / len(NAMES)  # a uniform guess of a name
     return Artifact(kind="evaluate", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
                     extra={"model_stage": config.from_, "rope_theta": spec.rope_theta,
+                           **({"chat_stage": config.chat, "chat_context": context} if curate else {}),
                            "probes_per_length": config.samples * len(config.depths) * len(config.keys),
                            "chance": chance,
                            "trained_length": model_in.artifact.extra.get("seq_length")})

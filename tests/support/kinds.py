@@ -51,3 +51,43 @@ class Echo(StageKind):
 
 
 register(Echo)
+
+
+@configclass
+class FanoutConfig:
+    parts: int = param(3, "parts before the gather", ge=1)
+    fail_if: str = setting("", "a file: a part whose name is written in it fails (a fault switch)")
+
+
+class Fanout(StageKind):
+    """Each part writes its name and pid into ``parts/<part>/out.txt`` and appends its name to
+    ``executions.log`` beside the stage (outside it: a forced rerun cannot hide an execution); the
+    gather joins the parts' outputs in order."""
+    name = "fanout"
+    Config = FanoutConfig
+    parent_fields = ()
+
+    @classmethod
+    def parts(cls, config: FanoutConfig) -> tuple[str, ...]:
+        return tuple(f"part-{i}" for i in range(config.parts))
+
+    @classmethod
+    def run_part(cls, config: FanoutConfig, inputs: dict[str, StageInput], out_dir: Path,
+                 ctx: RunContext, part: str) -> dict:
+        with open(out_dir.parent / "executions.log", "a") as fh:
+            fh.write(part + "\n")
+        if config.fail_if and part in Path(config.fail_if).read_text().split():
+            raise RuntimeError(f"{part} was told to fail")
+        (out_dir / "parts" / part / "out.txt").write_text(f"{part} pid={os.getpid()}")
+        return {"part": part, "pid": os.getpid()}
+
+    @classmethod
+    def run(cls, config: FanoutConfig, inputs: dict[str, StageInput], out_dir: Path,
+            ctx: RunContext) -> Artifact:
+        texts = [(out_dir / "parts" / p / "out.txt").read_text().split(" pid=")[0]
+                 for p in cls.parts(config)]
+        (out_dir / "joined.txt").write_text(",".join(texts))
+        return Artifact(kind=cls.name, stage=ctx.stage, key=ctx.key, outputs={"joined": "joined.txt"})
+
+
+register(Fanout)

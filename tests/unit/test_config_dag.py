@@ -43,7 +43,7 @@ def test_identity_fields_are_pinned():
         "sources.generator", "sources.documents", "sources.builder", "sources.data_files",
         "sources.split", "sources.text_field", "sources.prompt_field", "seed", "validation_fraction"]
     assert identity_field_paths(TrainTokenizerConfig) == ["data", "vocab_size", "max_documents",
-                                                          "min_frequency"]
+                                                          "min_frequency", "chat_roles"]
     assert identity_field_paths(TokenizeConfig) == ["data", "tokenizer"]
 
 
