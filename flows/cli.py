@@ -8,11 +8,14 @@
     forge runs                      # runs, newest first, with the state of their stages
     forge resume 20261129-171300-4242
     forge lineage pretrain-4
+    forge export sft --format hf --out ./granite-sft   # a Hugging Face folder of a model stage
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,6 +108,28 @@ def _parser() -> argparse.ArgumentParser:
     pro.add_argument("stage", help="a model stage, e.g. pretrain-4 or merge-3")
     pro.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     pro.add_argument("--alias", default="champion", help="alias to set (default: champion)")
+
+    exp = sub.add_parser(
+        "export", help="write a model stage as a Hugging Face folder (weights, config, tokenizer, "
+        "chat template) that transformers loads and generates from",
+        description="Export STAGE, a finished model stage of the pipeline the OVERRIDES compose "
+        "(give the overrides of the run that made it: they decide its key and output dir), to DIR: "
+        "config.json, model.safetensors, the tokenizer with its chat template, and "
+        "generation_config.json (generation stops at <|end_of_text|>, the end of a turn). The "
+        "checkpoint's checksums are verified first; the folder is written beside DIR and renamed "
+        "into place, so a failed export leaves nothing half-written. Refused (exit 2): an unknown "
+        "stage, a stage that makes no model, a stage not complete under these overrides, a "
+        "non-empty DIR without --overwrite. Options and overrides may come in any order.",
+        epilog="example:\n  forge export sft --format hf --out ./granite-sft pipeline=granite-4.1-tiny\n\n"
+        + _choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("stage", help="a model stage, e.g. pretrain-4, merge-3 or sft")
+    exp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    exp.add_argument("--format", choices=["hf"], default="hf",
+                     help="output format; only 'hf' (a Hugging Face GraniteForCausalLM folder) today")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace DIR if it exists and is not empty (it is replaced only once the "
+                          "new export is complete)")
 
     lc = sub.add_parser("launch-command", help="print the command (Slurm, Kubernetes: and the Job "
                         "manifest) that would start a stage's worker; runs nothing",
@@ -257,6 +282,45 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return promote_stage(args.overrides, args.stage, args.alias)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from flows.config import load
+    from flows.dag import build
+    from flows.plan import complete
+    dag = build(load(args.overrides))
+    stage, node = args.stage, dag.nodes.get(args.stage)
+    refusal = None
+    if node is None:
+        refusal = f"no stage named {stage!r}; stages: {', '.join(dag.nodes)}"
+    elif not node.kind_cls.makes_model:
+        models = [n for n, x in dag.nodes.items() if x.kind_cls.makes_model]
+        refusal = (f"{stage!r} is a {node.kind} stage, which makes no model; export one of the "
+                   f"model stages: {', '.join(models)}")
+    elif not complete(node):
+        again = " ".join(["forge run", *args.overrides, "--only", stage])
+        refusal = (f"{stage} is not complete under these overrides (no artifact.json with key "
+                   f"{node.key[:12]} in {node.out_dir}); run it first:\n  {again}")
+    if refusal:
+        print(f"forge export: {refusal}\nNothing was exported.", file=sys.stderr)
+        return 2
+    # The export runs as a process of its own, like a stage worker: torch, transformers and the
+    # stage family modules stay out of the orchestrator (and on a cluster it is the worker's env).
+    out = Path(args.out).expanduser().absolute()
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "stages.models.export", str(node.out_dir), "--stage", stage,
+           "--out", str(out), *(["--overwrite"] if args.overwrite else [])]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)
+    print(done.stderr, end="", file=sys.stderr, flush=True)
+    if done.returncode != 0:
+        return done.returncode
+    print(f"\nload it:\n  from transformers import AutoModelForCausalLM, AutoTokenizer; "
+          f"tok = AutoTokenizer.from_pretrained({str(out)!r}); "
+          f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_launch_command(args: argparse.Namespace) -> int:
     from flows.config import load
     from flows.dag import build
@@ -276,7 +340,12 @@ def cmd_launch_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `forge plan | head` ends quietly
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "export" and not any(x.startswith("-") for x in extra):
+        args.overrides += extra   # `export STAGE --out DIR a=b`: overrides after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("run", "resume"):
         # SIGTERM like Ctrl-C: an exception that unwinds (the run is recorded as cancelled, the
         # Prefect server stopped) instead of an instant death; the worker gets it passed on
@@ -286,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, raise_stopped)
     handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage,
                 "runs": cmd_runs, "resume": cmd_resume, "deploy": cmd_deploy,
-                "launch-command": cmd_launch_command, "ui": cmd_ui, "promote": cmd_promote}
+                "launch-command": cmd_launch_command, "ui": cmd_ui, "promote": cmd_promote,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

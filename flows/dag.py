@@ -14,7 +14,7 @@ from typing import Any
 
 from flows.config import PipelineConfig
 from stages import KINDS
-from stages.base import StageGraph, StageKind
+from stages.base import StageGraph, StageKind, field_value
 from stages.schema import ConfigError, identity_dict
 
 KEY_VERSION = 1  # bump only if the key recipe itself changes
@@ -61,10 +61,14 @@ def stage_identity(kind: type[StageKind], config: Any, keys: dict[str, str]) -> 
     """Identity fields with parent references replaced by the parents' keys."""
     ident = identity_dict(config)
     for f in kind.parent_fields:
-        ref = getattr(config, f, None)
+        ref = field_value(config, f)
         if ref is None:
             continue
-        ident[f] = keys[ref] if isinstance(ref, str) else [keys[r] for r in ref]
+        *outer, last = f.split(".")   # a dotted field: a reference inside a nested config
+        holder = ident
+        for part in outer:
+            holder = holder[part]
+        holder[last] = keys[ref] if isinstance(ref, str) else [keys[r] for r in ref]
     return ident
 
 
@@ -82,7 +86,7 @@ def build(pipeline: PipelineConfig) -> Dag:
         kind = KINDS[spec.kind]
         refs = tuple(kind.parents(spec.config))
         for f in kind.parent_fields:
-            ref = getattr(spec.config, f, None)
+            ref = field_value(spec.config, f)
             field = "from" if f == "from_" else f
             for r in ([ref] if isinstance(ref, str) else list(ref or ())):
                 if r not in specs:

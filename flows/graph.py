@@ -53,7 +53,7 @@ class Box:
 class Bus:
     source: str
     children: tuple[str, ...]
-    side: str          # "above" | "below" | "arc" (no straight route)
+    side: str          # "above" | "below" | "arc" (no lane route: through the gaps between boxes)
     level: int         # 0 = the lane nearest the boxes
 
 
@@ -172,7 +172,7 @@ def _side(boxes: dict[str, Box], p: str, c: str) -> str:
     for side in prefer:
         if clear(p, side) and clear(c, side):
             return side
-    return "arc"   # no straight route: a curved arrow (not in the pipelines we ship)
+    return "arc"   # no straight route: drawn through the gaps between rows and columns
 
 
 def _assign_lanes(boxes: dict[str, Box], wanted: dict[tuple[str, str], list[str]]) -> list[Bus]:
@@ -255,11 +255,15 @@ def draw_dag(steps: list[Step], path: str | Path, title: str = "",
     for i, bus in enumerate(lay.buses):
         colour = BUS_COLOURS[i % len(BUS_COLOURS)]
         src = lay.boxes[bus.source]
-        if bus.side == "arc":
-            for c in bus.children:
+        if bus.side == "arc":   # through the gaps: out of the parent's bottom (top), along the
+            for c in bus.children:   # gap between rows, down (up) the gap left of the child, in
                 b = lay.boxes[c]
-                line((src.x + BOX_W / 2, src.y), (b.x - BOX_W / 2, b.y), colour,
-                     connectionstyle="arc3,rad=-0.25", alpha=fade(c))
+                sign = -1 if b.y < src.y else 1
+                x0, x1 = src.x + BOX_W * 0.35, b.x - BOX_W / 2 - (COL_W - BOX_W) / 2
+                y_gap = src.y + sign * ROW_H / 2
+                ax.plot([x0, x0, x1, x1], [src.y + sign * BOX_H / 2, y_gap, y_gap, b.y],
+                        color=colour, lw=0.9, zorder=2, alpha=fade(c))
+                line((x1, b.y), (b.x - BOX_W / 2, b.y), colour, alpha=fade(c))
             continue
         sign = 1 if bus.side == "above" else -1
         x0 = src.x + BOX_W * 0.22

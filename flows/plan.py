@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flows.dag import Dag, Node
 from stages.base import read_artifact
-from stages.layout import STAGE_RECORD
+from stages.layout import STAGE_RECORD, part_record
 from stages.schema import ConfigError
 
 
@@ -39,6 +39,11 @@ def newest_checkpoint(node: Node) -> str | None:
     """The checkpoint (``checkpoints/<name>``) an unfinished attempt of the node resumes from."""
     found = node.kind_cls.resume_point(node.out_dir)
     return found.name if found is not None else None
+
+
+def parts_done(node: Node) -> list[str]:
+    """The parts of a fanned-out stage (``StageKind.parts``) whose done.json is there."""
+    return [p for p in node.kind_cls.parts(node.config) if part_record(node.out_dir, p) is not None]
 
 
 def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) -> list[Step]:
@@ -78,6 +83,10 @@ def make_plan(dag: Dag, only: str | None = None, rerun: tuple[str, ...] = ()) ->
             action, why = "cached", f"artifact.json holds key {node.key[:12]}"
         elif (ck := newest_checkpoint(node)) is not None:
             action, why = "resume", f"unfinished; resumes from checkpoints/{ck}"
+        elif done := parts_done(node):
+            total = len(node.kind_cls.parts(node.config))
+            action, why = "resume", (f"unfinished; {len(done)} of {total} parts done "
+                                     f"({', '.join(done)}): the rest run")
         else:
             upstream = [p for p in node.parents if p in runs]
             action = "run"

@@ -62,6 +62,15 @@ class StageInput:
         return path
 
 
+def field_value(config: Any, path: str) -> Any:
+    """The value at dotted ``path`` of a (nested) config; None where any step is None."""
+    for part in path.split("."):
+        config = getattr(config, part, None)
+        if config is None:
+            return None
+    return config
+
+
 class DamagedInput(RuntimeError):
     """A parent's output fails its checks: nothing was loaded from it."""
 
@@ -106,7 +115,8 @@ class StageKind:
     """Base class of every stage kind. Subclasses set ``name``, ``Config`` and ``run``; the hooks
     below tell the orchestrator what it needs to know, so flows/ never asks which kind a stage is.
 
-    ``parent_fields`` names the Config fields that reference other stages (a name or a list).
+    ``parent_fields`` names the Config fields that reference other stages (a name or a list); a
+    dotted name reaches into a nested config (``judge.serve``).
     ``launcher`` is "torchrun" for training kinds, "python" for the rest.
     ``makes_model``: the stage leaves a model (``outputs["checkpoint"]``, ``extra["model"]``);
     MLflow logs and registers it.
@@ -124,7 +134,7 @@ class StageKind:
     def parents(cls, config: Any) -> list[str]:
         out: list[str] = []
         for f in cls.parent_fields:
-            v = getattr(config, f, None)
+            v = field_value(config, f)
             if v is None:
                 continue
             out += [v] if isinstance(v, str) else list(v)

@@ -82,12 +82,7 @@ class CurateConfig:
 class Curate(StageKind):
     name = "curate"
     Config = CurateConfig
-    parent_fields = ("tokenizer",)
-
-    @classmethod
-    def parents(cls, config: CurateConfig) -> list[str]:
-        served = config.judge.serve if config.judge is not None else None
-        return [config.tokenizer, *([served] if served else [])]
+    parent_fields = ("tokenizer", "judge.serve")
 
     @classmethod
     def check(cls, config: CurateConfig, stage: str, graph: StageGraph, cluster: Any) -> None:

@@ -16,7 +16,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
 from stages.data.tokenizer import EOD, PAD, document_columns, read_columns, source_outputs
@@ -24,32 +24,55 @@ from stages.layout import loss_mask_prefix
 from stages.schema import configclass, param, setting
 
 
-def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
-    """Tokenize a Parquet file into ``<prefix>.bin/.idx`` (and its loss mask when it has prompts);
-    return (documents, tokens)."""
+def write_documents(prefix: Path, documents: Iterable[tuple[Any, Any]], dtype,
+                    masked: bool) -> tuple[int, int]:
+    """Write ``(ids, loss_mask)`` pairs (EOD included in ``ids``) as ``<prefix>.bin/.idx`` and, when
+    ``masked``, the loss mask companion (``loss_mask_prefix``: one uint8 per token, 1 where the
+    token's prediction counts); return (documents, tokens). Shared by tokenize and sft."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
-    columns = document_columns(parquet)
     masks = IndexedDatasetBuilder(get_bin_path(loss_mask_prefix(prefix)), dtype=np.uint8) \
-        if columns[0] == "prompt" else None
+        if masked else None
     docs = tokens = 0
-    for batch in read_columns(parquet, columns):
-        encoded = [tok.encode_batch_fast(col, add_special_tokens=False) for col in batch]
-        for parts in zip(*encoded):
-            ids = np.fromiter((*(i for enc in parts for i in enc.ids), eod_id), dtype=dtype)
-            builder.add_document(ids, [ids.size])
-            if masks is not None:
-                mask = np.ones(ids.size, dtype=np.uint8)
-                mask[:len(parts[0].ids)] = 0  # the prompt's tokens
-                masks.add_document(mask, [mask.size])
-            docs, tokens = docs + 1, tokens + ids.size
+    for ids, mask in documents:
+        ids = np.asarray(ids, dtype=dtype)
+        builder.add_document(ids, [ids.size])
+        if masks is not None:
+            mask = np.asarray(mask, dtype=np.uint8)
+            if mask.size != ids.size:
+                raise ValueError(f"{prefix}: document {docs} has {ids.size} tokens but a loss mask "
+                                 f"of {mask.size}")
+            masks.add_document(mask, [mask.size])
+        docs, tokens = docs + 1, tokens + ids.size
     builder.finalize(get_idx_path(str(prefix)))
     if masks is not None:
         masks.finalize(get_idx_path(loss_mask_prefix(prefix)))
     return docs, tokens
+
+
+def write_indexed(tok, parquet: Path, prefix: Path, eod_id: int, dtype) -> tuple[int, int]:
+    """Tokenize a Parquet file into ``<prefix>.bin/.idx`` (and its loss mask when it has prompts);
+    return (documents, tokens)."""
+    import numpy as np
+
+    columns = document_columns(parquet)
+    prompted = columns[0] == "prompt"
+
+    def documents() -> Iterator[tuple[Any, Any]]:
+        for batch in read_columns(parquet, columns):
+            encoded = [tok.encode_batch_fast(col, add_special_tokens=False) for col in batch]
+            for parts in zip(*encoded):
+                ids = np.fromiter((*(i for enc in parts for i in enc.ids), eod_id), dtype=dtype)
+                mask = None
+                if prompted:
+                    mask = np.ones(ids.size, dtype=np.uint8)
+                    mask[:len(parts[0].ids)] = 0  # the prompt's tokens
+                yield ids, mask
+
+    return write_documents(prefix, documents(), dtype, masked=prompted)
 
 
 def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_dir: Path,

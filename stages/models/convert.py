@@ -169,10 +169,27 @@ def _multipliers(cfg: dict, head_dim: int) -> dict:
 
 
 def _save_tokenizer(tokenizer_json: Path, out_dir: Path) -> dict:
-    from transformers import PreTrainedTokenizerFast
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOD, pad_token=PAD)
-    tok.save_pretrained(str(out_dir))
+    """The tokenizer files and ``generation_config.json``; returns the ids ``config.json`` records.
+
+    eos stays ``<|endoftext|>`` (a document's end, what pretraining and a base model emit). A
+    tokenizer with the chat role tokens also gets them as special tokens and the chat template
+    (in ``tokenizer_config.json``, where every transformers version and vLLM read it), and
+    generation stops at ``<|end_of_text|>`` (a turn's end) as well as at ``<|endoftext|>``."""
+    from tokenizers import Tokenizer
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from stages.data import chat_format
+    chat = not chat_format.missing_role_tokens(Tokenizer.from_file(str(tokenizer_json)))
+    roles = {"additional_special_tokens": list(chat_format.ROLE_TOKENS)} if chat else {}
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOD, pad_token=PAD,
+                                  **roles)
+    if chat:
+        tok.chat_template = chat_format.CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir), save_jinja_files=False)
     eos = tok.eos_token_id  # no BOS in our data: a text starts after an EOD, as in pretraining
+    stops = [tok.convert_tokens_to_ids(chat_format.END_TURN), eos] if chat else eos
+    GenerationConfig(bos_token_id=eos, eos_token_id=stops,
+                     pad_token_id=tok.pad_token_id).save_pretrained(str(out_dir))
     return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
 
 

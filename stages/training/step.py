@@ -80,13 +80,15 @@ def grad_norm(params) -> torch.Tensor:
 def run_micro_batches(model, dataset, indices, mbs: int, mask, config, env: Env, train: bool):
     """Forward (and backward when ``train``) over ``indices``; returns (sum of losses, tokens).
 
-    The backward pass scales by the rank's token count, so the accumulated gradient is the token
-    mean of the rank's batch (DDP then averages the ranks)."""
+    The backward pass scales by the global batch's loss-token count over the DP size, so that
+    after DDP averages the ranks the gradient is the token mean of the global batch, whatever
+    each rank's share of loss tokens (SFT's assistant masks and loss weights make them uneven)."""
     from stages.training.mixture import batch
     total_loss = 0.0
     chunks = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
     masks = [batch(dataset, c) for c in chunks]
     denom = max(1.0, float(sum(m[2].sum() for m in masks)))
+    scale = max(1.0, dp_sum([denom], env)[0]) / env.dp if train and env.dp > 1 else denom
     for tokens, labels, loss_mask, doc_mask in masks:
         tokens, labels, loss_mask = (t.to(env.device) for t in (tokens, labels, loss_mask))
         attn = mask if doc_mask is None else doc_mask.to(env.device)  # per-document masks win
@@ -94,7 +96,7 @@ def run_micro_batches(model, dataset, indices, mbs: int, mask, config, env: Env,
             losses = token_losses(model, tokens, labels, attn, config.precision, env.device)
             summed = (losses * loss_mask).sum()
         if train:
-            (summed / denom).backward()
+            (summed / scale).backward()
         total_loss += float(summed.detach())
     return total_loss, denom
 

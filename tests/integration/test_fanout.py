@@ -45,6 +45,9 @@ def test_a_failed_part_keeps_the_done_ones_and_the_rerun_runs_only_the_rest(tmp_
     failure = json.loads((out / FAILURE_FILE).read_text())
     assert failure["log_path"].endswith("parts/part-1/worker.log")
     assert any("part-1 was told to fail" in line for line in failure["tail"])
+    again = runner.prepare_dag(pipeline(store, switch))
+    assert (again.steps[0].action, again.steps[0].why) == (
+        "resume", "unfinished; 1 of 3 parts done (part-0): the rest run")
 
     switch.write_text("")
     result = runner.execute(runner.prepare_dag(pipeline(store, switch)), say=lambda line: None)

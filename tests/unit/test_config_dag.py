@@ -165,12 +165,11 @@ def test_running_unbuilt_kinds_stops_at_validation_naming_them(tmp_path):
     steps = make_plan(dag_for(store=tmp_path))
     with pytest.raises(ConfigError) as err:
         check_runnable(steps)
-    assert "curate (curate): kind 'curate' is not built yet" in str(err.value)
-    assert "SFT on curated data is issue 11" in str(err.value)   # names the issue that builds it
-    assert "is issue 12" in str(err.value)
+    assert "rl-math (rl): kind 'rl' is not built yet" in str(err.value)
+    assert "GRPO with the DAPO loss) is issue 12" in str(err.value)   # names the issue that builds it
     assert "eval-final (evaluate): parent rl-chat cannot run yet" in str(err.value)  # downstream too
     assert "--only 'data|tokenizer|tokenize|pretrain-1|" in str(err.value)
-    assert "|merge-3|eval-merge-3'" in str(err.value)
+    assert "|merge-3|eval-merge-3|curate|eval-chat-before|sft|eval-chat-after'" in str(err.value)
 
 
 def test_only_takes_unfinished_ancestors(tmp_path):
@@ -178,7 +177,7 @@ def test_only_takes_unfinished_ancestors(tmp_path):
     assert [n for n, s in steps.items() if s.action == "run"] == [
         "data", "tokenizer", "tokenize", "pretrain-1", "pretrain-2"]
     assert steps["pretrain-3"].action == "skip" and "left out by --only" in steps["pretrain-3"].why
-    assert "not built yet" in steps["sft"].why
+    assert "not built yet" in steps["rl-math"].why
 
 
 def test_sweep_expansion():
@@ -193,7 +192,8 @@ def test_sweep_expansion():
 def test_fp8_on_a_machine_without_gpu_stops_before_compute(tmp_path):
     """A GPU cluster config with FP8 passes static validation, then fails on this CPU machine."""
     env = dict(os.environ, FORGE_STORE=str(tmp_path / "store"))
-    no_mask = [f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)]  # refused on GPUs
+    no_mask = [*(f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)),  # refused on GPUs
+               "stages.sft.document_mask=false"]
     out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "cluster=gpu-node", *no_mask,
                           "stages.pretrain-1.precision.fp8=delayed", "--only", "pretrain-1"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)

@@ -345,7 +345,8 @@ def test_moving_to_another_cluster_changes_no_stage_key(tmp_path):
     layouts = (["cluster=gpu-node"], ["cluster=slurm", "cluster.data_parallel=4"],
                ["cluster=k8s", "cluster.data_parallel=4", "cluster.kubernetes.shm_gib=8"])
     # GPU clusters refuse document masking (no THD packing yet)
-    on_gpus = [f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)]
+    on_gpus = [*(f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)),
+               "stages.sft.document_mask=false"]
     keys = [{n: node.key for n, node in
              build(config_mod.load([*o, *on_gpus, f"store={tmp_path}"])).nodes.items()}
             for o in layouts]

@@ -121,7 +121,8 @@ def test_document_mask_on_gpus_is_refused_before_compute(capsys, tmp_path, monke
     assert ("stages.extend-1.document_mask: document masking is built for the CPU backend only; "
             "on GPUs (cluster.device=cuda) it needs THD packing") in err
     assert "set stages.extend-1.document_mask=false on GPUs" in err
-    fix = [f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)]
+    fix = [*(f"stages.extend-{i}.document_mask=false" for i in (1, 2, 3)),
+           "stages.sft.document_mask=false"]
     assert cli.main(["plan", "cluster=gpu-node", *fix]) == 0, capsys.readouterr().err
     assert dag_for().nodes["extend-1"].config.document_mask  # the CPU backend keeps it
     assert not (tmp_path / "store").exists()
