@@ -44,6 +44,9 @@ WORKDIR /opt/granite-forge
 COPY pyproject.toml README.md ./
 COPY stages ./stages
 COPY flows ./flows
+# lm-evaluation-harness task files read by `evaluate` stages (not part of the installed package)
+COPY conf/lm_eval ./conf/lm_eval
+ENV FORGE_LM_EVAL_TASKS=/opt/granite-forge/conf/lm_eval
 # the worker, GPU and vLLM extras; `pip check` fails the build on any conflict
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" \
         "megatron-core==${MEGATRON_CORE_VERSION}" "./[worker,gpu,vllm]" \

@@ -2,7 +2,7 @@
 # and `make test` (install + run the tests). Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-ONLY   ?= eval-pretrain|eval-extend-.*|eval-merge-.*
+ONLY   ?= eval-pretrain|eval-extend-.*|eval-merge-.*|eval-chat-.*
 STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install -q -c constraints.txt torch
 	# both environments in one venv (CPU, no vLLM); the GPU worker is the Dockerfile's image
-	$(PY) -m pip install -q -c constraints.txt -e '.[orchestrator,worker,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[orchestrator,worker,serve-cpu,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -141,3 +141,16 @@ def check_stage_parallel(parallel: dict) -> None:
 def stage_cluster(cluster: ParallelSpec, parallel: dict) -> ParallelSpec:
     """The cluster layout with a stage's own ``parallel`` overrides applied."""
     return dataclasses.replace(cluster, **parallel) if parallel else cluster
+
+
+def check_batch_split(global_batch_size: int, micro_batch_size: int, data_parallel: int,
+                      where: str) -> None:
+    """The global batch splits evenly over the data-parallel ranks, and each rank's share into
+    micro-batches (0: the whole share in one)."""
+    gbs, dp, mbs = global_batch_size, data_parallel, micro_batch_size
+    if gbs % dp:
+        raise ConfigError(f"{where}.global_batch_size: {gbs} is not divisible by "
+                          f"data_parallel={dp}")
+    if mbs and (gbs // dp) % mbs:
+        raise ConfigError(f"{where}.micro_batch_size: {mbs} does not divide the batch per "
+                          f"data-parallel rank ({gbs} / {dp} = {gbs // dp})")

@@ -33,6 +33,7 @@ LINEAGE_FILE = "lineage.json"  # MLflow holds this stage: tracking URI, key, run
 CHECKPOINTS = "checkpoints"
 PARTS = "parts"
 PART_DONE = "done.json"
+JUDGE_MODEL = "judge-model"   # curation: the export of judge.serve's stage, served by its shards
 DONE = "done"            # JSON manifest; its presence (and validity) marks a complete checkpoint
 STATE = "state.json"     # a checkpoint's train state
 ITER = "iter_"

@@ -33,7 +33,7 @@ from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind,
 from stages.data.chat_sources import ChatSourceSpec
 from stages.data.curation_rules import RulesSpec
 from stages.data.judge import JudgeSpec
-from stages.layout import part_dir
+from stages.layout import JUDGE_MODEL, part_dir
 from stages.schema import ConfigError, configclass, param, setting
 
 SPLIT = "split"
@@ -163,6 +163,8 @@ def gather(config: CurateConfig, out_dir: Path, ctx: RunContext) -> Artifact:
     prompts = read_jsonl(part_dir(out_dir, SPLIT) / "eval_prompts.jsonl")
     (out_dir / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
+    import shutil   # the judge's export served its shards; a 30B export is not worth keeping
+    shutil.rmtree(out_dir / JUDGE_MODEL, ignore_errors=True)
     rubric = dict(config.judge.rubric) if config.judge is not None else {}
     report, files = write_report(out_dir, split["counts"], rejected, verdicts, rubric,
                                  kept=len(train), heldout=len(heldout), capped=max(0, capped))

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from stages.base import RunContext, StageInput, file_digest
 from stages.data.chat_format import sample_digest
-from stages.layout import judge_cache, part_dir
+from stages.layout import JUDGE_MODEL, judge_cache, part_dir
 
-JUDGE_MODEL_DIR = "judge-model"   # the export of judge.serve's stage, served during the shards
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -127,7 +126,7 @@ def _source_file(spec, name: str, raw: Path) -> dict:
 
 def _export_judge(stage: str, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> str:
     from stages.models.export import export_model
-    target = out_dir / JUDGE_MODEL_DIR
+    target = out_dir / JUDGE_MODEL
     shutil.rmtree(target, ignore_errors=True)   # an attempt cut short: export again
     export_model(inputs[stage], target)
     print(f"[{ctx.stage}] exported judge model {stage} to {target}", flush=True)
@@ -177,7 +176,7 @@ def _judge(config, inputs: dict[str, StageInput], passed: list[dict], rejected: 
     from stages.data.judge import VerdictCache, judge_all
     from stages.data.judge_server import judge_endpoint
     spec = config.judge
-    served = out_dir / JUDGE_MODEL_DIR if spec.serve else None
+    served = out_dir / JUDGE_MODEL if spec.serve else None
     last = [0.0]
 
     def progress(done: int, total: int) -> None:

@@ -108,6 +108,14 @@ class JudgeUnavailable(JudgeError):
     """A request's retries ran out (connection, time-out, 5xx); verdicts received are cached."""
 
 
+class JudgeRefused(JudgeError):
+    """The server answered 4xx: a bad setting (no such model), or this one request (too long)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class UnparsableVerdict(JudgeError):
     """``on_unparsable: fail`` met a reply that is not a verdict."""
 
@@ -306,6 +314,7 @@ class _Asker:
         self.client = OpenAI(base_url=api_base(url), api_key="none", timeout=spec.timeout_s,
                              max_retries=0)
         self.stop = threading.Event()
+        self.answered = threading.Event()   # the server has answered a verdict request
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         import openai
@@ -318,8 +327,8 @@ class _Asker:
                 return fn()
             except openai.APIStatusError as e:
                 if e.status_code != 429 and e.status_code < 500:
-                    raise JudgeError(f"the judge at {self.url} refused {what}: HTTP {e.status_code}: "
-                                     f"{e.message}") from e
+                    raise JudgeRefused(f"the judge at {self.url} refused {what}: HTTP "
+                                       f"{e.status_code}: {e.message}", e.status_code) from e
                 last = f"HTTP {e.status_code}: {e.message}"
             except openai.APITimeoutError:
                 last = f"no answer within timeout_s={spec.timeout_s:g}"
@@ -339,12 +348,35 @@ class _Asker:
             raise JudgeError(f"the judge at {self.url} lists no model at /v1/models; set judge.model")
         return ids[0]
 
-    def ask(self, model: str, digest: str, messages: Sequence[dict[str, str]]) -> str:
+    def probe(self, model: str) -> bool:
+        """Does the server answer a one-word request under this model name and these settings?"""
+        try:
+            self.call("a probe", lambda: self.client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1,
+                temperature=self.spec.temperature))
+        except JudgeError:
+            return False
+        self.answered.set()
+        return True
+
+    def ask(self, model: str, digest: str, messages: Sequence[dict[str, str]]) -> "str | Verdict":
+        """The judge's reply; or, when a server that answers other requests refuses this one
+        (400/413/422: a conversation too long for the judge's context), an unparsable verdict
+        that says so. A server that refuses a one-word probe too has a setting wrong (no such
+        model): that raises."""
         spec = self.spec
         extra = {"response_format": verdict_schema(spec)} if spec.structured_output else {}
-        reply = self.call(f"the verdict on sample {digest[:12]}", lambda: self.client.chat.completions.create(
-            model=model, messages=judge_messages(spec, messages), max_tokens=spec.max_tokens,
-            temperature=spec.temperature, **extra))
+        try:
+            reply = self.call(f"the verdict on sample {digest[:12]}",
+                              lambda: self.client.chat.completions.create(
+                                  model=model, messages=judge_messages(spec, messages),
+                                  max_tokens=spec.max_tokens, temperature=spec.temperature, **extra))
+        except JudgeRefused as e:
+            if e.status not in (400, 413, 422) or not (self.answered.is_set() or self.probe(model)):
+                raise
+            return Verdict(scores=None, passed=None, unparsable=True, raw="",
+                           reason=f"refused by the judge (too long for its context?): {e}")
+        self.answered.set()
         return (reply.choices[0].message.content or "") if reply.choices else ""
 
 
@@ -388,7 +420,8 @@ def judge_all(samples: Samples, spec: JudgeSpec, url: str, cache: VerdictCache,
             for fut in finished:
                 digest = pending.pop(fut)
                 try:
-                    verdict = parse_verdict(fut.result(), spec)
+                    reply = fut.result()
+                    verdict = reply if isinstance(reply, Verdict) else parse_verdict(reply, spec)
                 except JudgeError as e:
                     error = error or e
                     asker.stop.set()

@@ -20,10 +20,23 @@
   ``chat/exact_match_correct`` right); every prompt's completion in ``chat_samples.jsonl``.
   The recipe runs it before and after SFT on the same curate stage.
 
-A stage evaluates ``data`` (held-out loss at ``heldout_length``, and retrieval), ``chat``, or both.
+- lm-evaluation-harness (``lm_eval_tasks``: task files shipped in ``conf/lm_eval/``;
+  ``evaluation/harness.py`` says how they run): the model stage is exported as a Hugging Face folder
+  (``models/export.py``, into ``hf-export/``, removed after) and each task runs on it offline, on
+  lm-eval's ``hf`` backend on CPU and ``vllm`` on CUDA; with ``lm_eval_chat_template`` (the default)
+  every task prompt is a user turn of the export's chat template, as ``chat/exact_match`` asks.
+  Metrics ``lm_eval/<task>/<metric>`` (``lm_eval/tiny_arith_mc/acc``, ...); the harness's results
+  in ``lm_eval_results.json`` and every request's log-likelihoods or generation in
+  ``lm_eval_samples.jsonl``. ``lm_eval_limit`` (the first N documents of each task) and
+  ``lm_eval_batch_size`` are settings: a limited run is a smoke test, not another stage.
+
+A stage evaluates ``data`` (held-out loss at ``heldout_length``, and retrieval), ``chat``,
+``lm_eval_tasks``, or any combination of them.
 
 The recipe evaluates before and after each extension step and each merge. Runs on Megatron-core in
-a world of one (CPU shim on CPU); vLLM serving on GPU is issue 3's GPU follow-up.
+a world of one (CPU shim on CPU); vLLM serving on GPU is issue 3's GPU follow-up. The lm-eval tasks
+run after, in a process of their own on the export (the model is not loaded when nothing else
+needs it).
 """
 from __future__ import annotations
 
@@ -54,11 +67,23 @@ class EvaluateConfig:
                               keyed_if_set=True)
     max_new_tokens: int = param(32, "greedy tokens generated per eval prompt at most", ge=1,
                                 keyed_if_set=True)
+    lm_eval_tasks: tuple[str, ...] = param(
+        (), "lm-evaluation-harness tasks shipped in conf/lm_eval/ (e.g. tiny_arith_mc), run on the "
+            "model stage's Hugging Face export", keyed_if_set=True)
+    lm_eval_chat_template: bool = param(
+        True, "lm-eval prompts as user turns of the export's chat template (needs the chat role "
+              "tokens); false: the plain task prompts", keyed_if_set=True)
+    lm_eval_limit: int | None = setting(None, "lm-eval documents per task (the first N); None: all",
+                                        ge=1)
+    lm_eval_batch_size: int = setting(16, "lm-eval requests per forward pass (hf backend)", ge=1)
 
     def __post_init__(self) -> None:
-        if self.data is None and self.chat is None:
-            raise ConfigError("data: set data (a tokenize stage: held-out loss, retrieval) or chat "
-                              "(a curate stage: chat loss and exact match), or both")
+        if self.data is None and self.chat is None and not self.lm_eval_tasks:
+            raise ConfigError("data: set data (a tokenize stage: held-out loss, retrieval), "
+                              "lm_eval_tasks (lm-evaluation-harness tasks of conf/lm_eval/) or chat "
+                              "(a curate stage: chat loss and exact match), or several")
+        from stages.evaluation.harness import check_task_names  # file names only: no lm-eval here
+        check_task_names(self.lm_eval_tasks)
         if self.data is not None and self.heldout_length is None:
             raise ConfigError("heldout_length: required with data (the pretraining sequence length)")
         if self.data is None and self.heldout_length is not None:
@@ -100,9 +125,12 @@ class Evaluate(StageKind):
     def datasets_read(cls, config: EvaluateConfig, artifact: Artifact,
                       upstream: dict[str, Artifact]) -> list[dict]:
         """Every parent's datasets, except that of the chat curate stage only its held-out split
-        is read (its kept set is SFT's training data, not this stage's)."""
-        return [d for d in super().datasets_read(config, artifact, upstream)
-                if d["stage"] != config.chat or d.get("split") == "heldout"]
+        is read (its kept set is SFT's training data, not this stage's); and its own: the data
+        files of its lm-eval tasks."""
+        parents = [d for d in super().datasets_read(config, artifact, upstream)
+                   if d["stage"] != config.chat or d.get("split") == "heldout"]
+        own = [dict(d, stage=artifact.stage) for d in artifact.datasets] if upstream else []
+        return parents + own
 
     @classmethod
     def run(cls, config: EvaluateConfig, inputs: dict[str, StageInput], out_dir: Path,

@@ -108,6 +108,31 @@ def _chat(model, tokenizer, curate: StageInput, config, context: int, vocab: int
     return out
 
 
+def _lm_eval(model_in: StageInput, config, out_dir: Path, device: str, stage: str) -> dict[str, float]:
+    """``lm_eval/*`` metrics (``evaluation/harness.py``) on an export of the model stage, which is
+    removed after (it is the model stage's, not this stage's output)."""
+    import shutil
+
+    from stages.evaluation.harness import run_tasks
+    from stages.models.export import export_model
+    t0 = time.time()
+    hf_dir = out_dir / "hf-export"
+    try:
+        export_model(model_in, hf_dir, overwrite=True)  # an attempt that died may have left one
+        out = run_tasks(hf_dir, list(config.lm_eval_tasks), out_dir, device=device,
+                        limit=config.lm_eval_limit, batch_size=config.lm_eval_batch_size,
+                        chat_template=config.lm_eval_chat_template,
+                        threads=torch.get_num_threads())
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+    for name, value in sorted(out.items()):
+        if "_stderr" not in name and not name.endswith("/samples"):
+            print(f"[{stage}] {name}: {value:.4f}", flush=True)
+    print(f"[{stage}] lm-eval ({', '.join(config.lm_eval_tasks)}): {time.time() - t0:.1f}s",
+          flush=True)
+    return out
+
+
 def heatmap(metrics: dict[str, float], config, path: Path, title: str) -> None:
     """One panel per key count: accuracy by length (rows) and needle depth (columns)."""
     import matplotlib
@@ -161,24 +186,42 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
                              "token(s); train it with train_tokenizer's chat_roles: true")
         for output in ("heldout", "eval_prompts"):  # a curate stage without them: said now
             curate.path(output)
+    if config.lm_eval_tasks and config.lm_eval_chat_template:
+        from stages.data.chat_format import missing_role_tokens
+        if missing := missing_role_tokens(Tokenizer.from_file(str(model_in.path("tokenizer")))):
+            raise ValueError(f"lm_eval_chat_template: the tokenizer of {config.from_} has no "
+                             f"{', '.join(missing)} token(s), so its export has no chat template; "
+                             "set lm_eval_chat_template: false, or train the tokenizer with "
+                             "train_tokenizer's chat_roles: true")
     vocab = min(spec.vocab_size, tokenizer.get_vocab_size())  # ids a completion can decode to
-    with megatron_world():
-        model = _load_model(spec, checkpoint, device)
-        metrics = _heldout(model, data, config, device, out_dir)
-        if "heldout_loss" in metrics:
-            print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "
-                  f"{metrics['heldout_loss']:.4f}", flush=True)
-        metrics |= _retrieval(model, probes, spec.vocab_size, config, device, ctx.stage)
-        if curate is not None:
-            metrics |= _chat(model, tokenizer, curate, config, context, vocab, device, out_dir,
-                             ctx.stage)
+    metrics: dict[str, float] = {}
+    datasets: list[dict] = []
+    if data is not None or curate is not None or config.lengths:  # lm-eval alone needs no model here
+        with megatron_world():
+            model = _load_model(spec, checkpoint, device)
+            metrics = _heldout(model, data, config, device, out_dir)
+            if "heldout_loss" in metrics:
+                print(f"[{ctx.stage}] held-out loss at {config.heldout_length} tokens: "
+                      f"{metrics['heldout_loss']:.4f}", flush=True)
+            metrics |= _retrieval(model, probes, spec.vocab_size, config, device, ctx.stage)
+            if curate is not None:
+                metrics |= _chat(model, tokenizer, curate, config, context, vocab, device, out_dir,
+                                 ctx.stage)
+            del model  # its memory goes before lm-eval loads the export
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     outputs = {}
+    if config.lm_eval_tasks:
+        metrics |= _lm_eval(model_in, config, out_dir, device, ctx.stage)
+        from stages.evaluation import harness
+        outputs |= {"lm_eval_results": harness.RESULTS_FILE, "lm_eval_samples": harness.SAMPLES_FILE}
+        datasets = harness.task_datasets(out_dir)
     if config.lengths:
         (out_dir / "retrieval.json").write_text(json.dumps(
             {k: v for k, v in metrics.items() if k.startswith("retrieval")}, indent=1) + "\n")
         heatmap(metrics, config, out_dir / "retrieval.png",
                 f"{ctx.stage}: retrieval of {config.from_} (rope theta {spec.rope_theta:g})")
-        outputs = {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
+        outputs |= {"retrieval": "retrieval.json", "heatmap": "retrieval.png"}
     if curate is not None:
         from stages.evaluation.chat_eval import SAMPLES_FILE
         outputs["chat_samples"] = SAMPLES_FILE
@@ -186,8 +229,13 @@ def evaluate_model(config, inputs: dict[str, StageInput], out_dir: Path, ctx: Ru
     from stages.data.words import NAMES
     chance = 1.0 / len(NAMES)  # a uniform guess of a name
     return Artifact(kind="evaluate", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
+                    datasets=datasets,
                     extra={"model_stage": config.from_, "rope_theta": spec.rope_theta,
                            **({"chat_stage": config.chat, "chat_context": context} if curate else {}),
+                           **({"lm_eval_tasks": list(config.lm_eval_tasks),
+                               "lm_eval_limit": config.lm_eval_limit,
+                               "lm_eval_chat_template": config.lm_eval_chat_template}
+                              if config.lm_eval_tasks else {}),
                            "probes_per_length": config.samples * len(config.depths) * len(config.keys),
                            "chance": chance,
                            "trained_length": model_in.artifact.extra.get("seq_length")})

@@ -4,7 +4,8 @@ No process group and no model is built either way; the file formats live in ``co
 
 ``megatron_to_hf`` reads only the model tensors of a checkpoint written by ``save_checkpoint``
 (never the AdamW moments) and writes ``config.json``, ``model.safetensors`` and, given a
-``tokenizer.json``, the tokenizer files. ``torch.distributed.checkpoint`` reads in ``no_dist`` mode,
+``tokenizer.json``, the tokenizer files (with the chat template when the tokenizer has the role
+tokens) and ``generation_config.json``. ``torch.distributed.checkpoint`` reads in ``no_dist`` mode,
 one layer slice at a time (per-layer tensors are stacked along a leading layer dim), and
 ``model.safetensors`` is written by hand, header first (shapes follow from the spec), then tensor
 by tensor. Peak: the embedding (and output layer) read twice over (the reader's staging copy).

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.cluster import check_stage_parallel, stage_cluster
+from stages.cluster import check_batch_split, check_stage_parallel, stage_cluster
 from stages.layout import newest_checkpoint
 from stages.schema import ConfigError, configclass, identity_dict, param, setting
 from stages.specs import ModelSpec, PrecisionSpec, ScheduleSpec, shape_differences
@@ -116,14 +116,8 @@ class Pretrain(StageKind):
         layout.check_model(config.model, f"stages.{stage}.model")
         layout.check_context(config.seq_length, f"stages.{stage}")
         layout.check_device(f"stages.{stage}")
-        gbs, dp = config.global_batch_size, layout.data_parallel
-        if gbs % dp:
-            raise ConfigError(f"stages.{stage}.global_batch_size: {gbs} is not divisible by "
-                              f"data_parallel={dp}")
-        mbs = config.micro_batch_size
-        if mbs and (gbs // dp) % mbs:
-            raise ConfigError(f"stages.{stage}.micro_batch_size: {mbs} does not divide the batch per "
-                              f"data-parallel rank ({gbs} / {dp} = {gbs // dp})")
+        check_batch_split(config.global_batch_size, config.micro_batch_size, layout.data_parallel,
+                          f"stages.{stage}")
         check_precision(config.precision, cluster, f"stages.{stage}.precision")
 
     @classmethod

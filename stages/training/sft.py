@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.cluster import check_stage_parallel, stage_cluster
+from stages.cluster import check_batch_split, check_stage_parallel, stage_cluster
 from stages.layout import newest_checkpoint
 from stages.schema import ConfigError, configclass, param, setting
 from stages.specs import PrecisionSpec, ScheduleSpec
@@ -132,14 +132,8 @@ class Sft(StageKind):
         layout.check_model(model, f"{where}.from ({config.from_!r})")
         layout.check_context(config.seq_length, where)
         layout.check_device(where)
-        gbs, dp = config.global_batch_size, layout.data_parallel
-        if gbs % dp:
-            raise ConfigError(f"{where}.global_batch_size: {gbs} is not divisible by "
-                              f"data_parallel={dp}")
-        mbs = config.micro_batch_size
-        if mbs and (gbs // dp) % mbs:
-            raise ConfigError(f"{where}.micro_batch_size: {mbs} does not divide the batch per "
-                              f"data-parallel rank ({gbs} / {dp} = {gbs // dp})")
+        check_batch_split(config.global_batch_size, config.micro_batch_size, layout.data_parallel,
+                          where)
         check_precision(config.precision, cluster, f"{where}.precision")
 
     @classmethod

@@ -17,125 +17,23 @@ kept/heldout parquet, eval_prompts.jsonl) is what the evaluate stage reads.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import random
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from stages.base import Artifact, RunContext, StageInput, file_digest, read_artifact, write_artifact
-from stages.data.chat_format import ROLE_TOKENS, render, sample_digest
+from stages.base import Artifact, RunContext, StageInput, read_artifact
+from stages.data.chat_format import ROLE_TOKENS, render
 
-REPO = Path(__file__).resolve().parents[2]
-SEQ = 64
-MODEL = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2,
-         "kv_channels": 16, "ffn_hidden_size": 176, "vocab_size": 384,
-         "max_position_embeddings": 128, "rope_theta": 300.0}
-PRETRAIN = {"data": "tokenize", "model": MODEL, "tokens": 400 * 8 * SEQ, "seq_length": SEQ,
-            "global_batch_size": 8, "mixture": {"chat": 1.0},
-            "schedule": {"kind": "wsd", "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-                         "decay_fraction": 0.2},
-            "checkpoint_interval": 0, "log_interval": 50}
+from tests.support.tiny_models import (MODEL, SEQ, chat, curate_stage, pretrain_config,
+                                       run_worker, tokenize_stage, two_turns)
 
-
-# ------------------------------------------------------------------ data
-def chat(a: int, b: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
-
-
-def two_turns(a: int, b: int, c: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": "Answer with the sum."}, *chat(a, b),
-            {"role": "user", "content": f"And {a + b} + {c}?"},
-            {"role": "assistant", "content": f"{a + b} + {c} = {a + b + c}."}]
-
-
-def train_tokenizer(path: Path, texts: list[str]) -> None:
-    from tokenizers import pre_tokenizers, trainers
-    from stages.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
-    tok = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=MODEL["vocab_size"], min_frequency=2,
-                                  special_tokens=[*SPECIAL_TOKENS, *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(str(path))
-
-
-def tokenize_stage(root: Path) -> Path:
-    """A finished tokenize stage: rendered arithmetic chats + EOD, and its tokenizer."""
-    from tokenizers import Tokenizer
-    from stages.training.mixture import write_indexed_dataset
-    rng = random.Random(0)
-    convs = [chat(rng.randrange(10, 60), rng.randrange(10, 40)) for _ in range(1500)]
-    texts = [render(c) for c in convs]
-    out = root / "tokenize"
-    out.mkdir(parents=True)
-    train_tokenizer(out / "tokenizer.json", texts)
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    eod = tok.token_to_id("<|endoftext|>")
-    docs = [tok.encode(t, add_special_tokens=False).ids + [eod] for t in texts]
-    write_indexed_dataset(out / "tokens" / "chat", docs[:1400])
-    write_indexed_dataset(out / "heldout" / "chat", docs[1400:])
-    write_artifact(out, Artifact(
-        kind="tokenize", stage="tokenize", key="tok0",
-        outputs={"tokens/chat": "tokens/chat", "heldout/chat": "heldout/chat",
-                 "tokenizer": "tokenizer.json"},
-        extra={"vocab_size": tok.get_vocab_size(), "eod_id": eod, "pad_id": 1}))
-    return out
-
-
-def curate_stage(root: Path, name: str, heldout: list[list[dict]], prompts: list[dict]) -> StageInput:
-    """A finished curate stage in the formats.md shape."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    out = root / name
-    out.mkdir(parents=True)
-
-    def table(convs):
-        return pa.table({"id": [sample_digest(c) for c in convs], "source": ["chat"] * len(convs),
-                         "messages": [json.dumps(c) for c in convs]})
-    kept = [chat(a, a + 1) for a in range(10, 20)]
-    pq.write_table(table(kept), out / "kept.parquet")
-    pq.write_table(table(heldout), out / "heldout.parquet")
-    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    datasets = [{"name": n, "split": s, "rows": r, "path": str(out / f"{n}.parquet"),
-                 "digest": file_digest(out / f"{n}.parquet")}
-                for n, s, r in (("kept", "train", len(kept)), ("heldout", "heldout", len(heldout)))]
-    art = Artifact(kind="curate", stage=name, key=f"cur-{name}",
-                   outputs={"kept": "kept.parquet", "heldout": "heldout.parquet",
-                            "eval_prompts": "eval_prompts.jsonl"},
-                   datasets=datasets, extra={"tokenizer": "tokenizer", "kept": len(kept),
-                                             "heldout": len(heldout)})
-    write_artifact(out, art)
-    return StageInput(name, out, art)
+PRETRAIN = pretrain_config(400)
 
 
 HELDOUT = [chat(12, 34), chat(45, 27), two_turns(21, 13, 8), chat(58, 39), two_turns(33, 30, 5)]
 PROMPTS = [{"id": f"p{i}", "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
            for i, (a, b) in enumerate([(14, 22), (31, 17), (52, 36), (9, 8), (40, 11), (27, 25)])]
-
-
-# ------------------------------------------------------------------ worker runs
-def run_worker(out_dir: Path, kind: str, stage: str, config: dict, inputs: dict[str, Path]) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"kind": kind, "stage": stage, "key": f"key-{stage}", "config": config,
-            "inputs": {n: {"out_dir": str(d), "artifact": dataclasses.asdict(read_artifact(d))}
-                       for n, d in inputs.items()},
-            "out_dir": str(out_dir), "cluster": {}, "seed": 1234}
-    (out_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "stages.worker", str(out_dir / "spec.json")],
-                          cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, f"{stage} failed ({proc.returncode}):\n{proc.stdout[-6000:]}"
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

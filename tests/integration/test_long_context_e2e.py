@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import LONG_CONTEXT, SMALL, SMALL_LONG_CONTEXT, executed, forge, last_result
+from tests.support.helpers import (LONG_CONTEXT, POST_TRAINING, SMALL, SMALL_LONG_CONTEXT,
+                                   SMALL_POST_TRAINING, executed, forge, last_result)
 
 pytestmark = pytest.mark.slow
 STEPS = [f"{kind}-{i}" for i in (1, 2, 3) for kind in ("extend", "eval-extend", "merge", "eval-merge")]
@@ -91,3 +92,56 @@ def test_mlflow_has_the_heatmap_and_merge_lineage(chain):
     merged_from = {producers.get(m.model_id) for m in runs["merge-1"].inputs.model_inputs}
     assert merged_from == {"extend-1", "pretrain-4"}
     assert len(runs["merge-1"].outputs.model_outputs) == 1
+
+
+def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
+    """curate (its judge: merge-3 behind a real `transformers serve`), SFT, the chat evaluations
+    before and after, then `forge export` of merge-3 and of sft, loaded by transformers."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    store = chain[0]
+    small = [*SMALL, *SMALL_LONG_CONTEXT, *SMALL_POST_TRAINING]
+    forge("run", *small, "--only", POST_TRAINING, store=store, timeout=900)
+    result = last_result(store)
+    assert executed(result) == {"curate", "eval-chat-before", "sft", "eval-chat-after"}
+    cur = artifact(result, "curate")
+    report, shard = cur["extra"]["report"], Path(result["stages"]["curate"]["out_dir"]) / "parts"
+    assert cur["extra"]["judge_model"] == "merge-3"
+    assert report["judge"]["judged"] > 0                # the served model answered every request
+    assert report["kept"] + report["heldout"] == report["judge"]["judged"] - sum(
+        n for rule, n in report["rejected_by_rule"].items() if rule.startswith("judge"))
+    assert "judge at http://127.0.0.1:" in (shard / "shard-0-of-1" / "worker.log").read_text()
+    left = subprocess.run(["pgrep", "-f", "transformers serve"], capture_output=True, text=True)
+    assert left.stdout == "", "the judge's server outlived its shard"
+    sft = artifact(result, "sft")
+    assert sft["kind"] == "sft" and 0 < sft["metrics"]["heldout_assistant_loss"] < 20
+    for stage in ("eval-chat-before", "eval-chat-after"):
+        m = artifact(result, stage)["metrics"]
+        assert 0 < m["chat/heldout_loss"] < 20 and 0.0 <= m["chat/exact_match"] <= 1.0, stage
+
+    # MLflow: the curation's report on its run; the kept set, with its digest, an input of SFT's
+    from mlflow import MlflowClient
+
+    from stages.base import file_digest
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("granite-forge")
+    runs = {r.data.tags["forge.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result['parent_run']}'")}
+    logged = {a.path for a in client.list_artifacts(runs["curate"].info.run_id, "report")}
+    assert {"report/report.json", "report/rejected_by_rule.png"} <= logged
+    kept = Path(result["stages"]["curate"]["out_dir"]) / "kept.parquet"
+    inputs = {d.dataset.name: d.dataset.digest for d in runs["sft"].inputs.dataset_inputs}
+    assert inputs == {"curate/kept": file_digest(kept)[:36]}
+
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    for stage in ("merge-3", "sft"):
+        out = tmp_path / stage
+        forge("export", stage, "--format", "hf", "--out", str(out), *small, store=store)
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert text == "<|start_of_role|>user<|end_of_role|>What is 2 + 3?<|end_of_text|>\n" \
+                       "<|start_of_role|>assistant<|end_of_role|>", text
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import pytest
 import torch
 
 from stages.base import Artifact, read_artifact, write_artifact
+from tests.support.helpers import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB, EOD = 512, 0
@@ -177,18 +177,7 @@ def test_sigkill_then_resume_is_bit_identical(phase_a, data):
     a_out, _ = phase_a
     out = a_out.parent / "pretrain-killed"
     spec = write_spec(out, "pretrain-a", CONFIG_A, {"tokenize": data})
-    proc = subprocess.Popen(worker_cmd(spec), cwd=REPO, env=worker_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not list((out / "checkpoints").glob("iter_*/done")):
-            assert proc.poll() is None, "the worker ended before its first checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        os.kill(int((out / "worker.pid").read_text()), signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_first_checkpoint(worker_cmd(spec), out, worker_env()) == -signal.SIGKILL
     assert not (out / "artifact.json").exists()
     assert not (out / "checkpoints" / "iter_0000120").exists(), "killed too late to test a resume"
 

@@ -22,13 +22,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stages.base import Artifact, RunContext, StageInput, read_artifact, write_artifact
+from tests.support.helpers import kill_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 400
@@ -311,18 +311,9 @@ def test_killed_sft_resumes_bit_identical(runs):
     ref = runs["sft"]
     out = runs["root"] / "sft-killed"
     spec = write_spec(out, "sft", "sft", SFT, {"parent": runs["parent"], "curate": runs["curate"]})
-    proc = subprocess.Popen([sys.executable, "-m", "stages.worker", str(spec)], cwd=REPO,
-                            env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not list((out / "checkpoints").glob("iter_*/done")):
-            assert proc.poll() is None, "the worker ended before its first checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        os.kill(int((out / "worker.pid").read_text()), signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (out / "artifact.json").exists()
+    code = kill_at_first_checkpoint([sys.executable, "-m", "stages.worker", str(spec)], out,
+                                    worker_env())
+    assert code == -signal.SIGKILL and not (out / "artifact.json").exists()
     final = read_artifact(ref).outputs["checkpoint"]
     assert not (out / final).exists(), "killed too late to test a resume"
 

@@ -83,6 +83,15 @@ SMALL = [
     *[f"stages.pretrain-{i}.loss_weights={{recall:1.0}}" for i in (1, 2, 3, 4)],
 ]
 # The extension chain made small: a few steps per extension, few probes per evaluation cell.
+# Curation, SFT and the chat evaluations after the chain, small: a judge served over merge-3 for a
+# few dozen conversations, one epoch of SFT.
+POST_TRAINING = "eval-chat-.*"
+SMALL_POST_TRAINING = [
+    "stages.curate.sources.chat.samples=60", "stages.curate.eval_prompts.count=8",
+    "stages.curate.shards=1", "stages.curate.judge.max_tokens=4", "stages.sft.epochs=1",
+    "stages.eval-chat-before.chat_samples=4", "stages.eval-chat-after.chat_samples=4",
+    "stages.eval-chat-before.max_new_tokens=8", "stages.eval-chat-after.max_new_tokens=8",
+]
 SMALL_LONG_CONTEXT = [
     "stages.extend-1.tokens=8192", "stages.extend-2.tokens=6144", "stages.extend-3.tokens=8192",
     # few probes, few keys: seconds per evaluation
@@ -91,3 +100,21 @@ SMALL_LONG_CONTEXT = [
       for f in ("samples=4", "keys=[1,3]")],
     "stages.eval-merge-2.depths=[0.0,0.5,1.0]",
 ]
+
+
+def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, timeout: float = 120) -> int:
+    """Start a stage worker, SIGKILL it (by its worker.pid) once its first checkpoint is complete;
+    return the launcher's exit code."""
+    import signal
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not list((out / "checkpoints").glob("iter_*/done")):
+            assert proc.poll() is None, "the worker ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.01)
+        os.kill(int((out / "worker.pid").read_text()), signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    return proc.returncode

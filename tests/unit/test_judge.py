@@ -232,3 +232,27 @@ def test_serving_on_cuda_without_vllm_says_where_vllm_lives(tmp_path):
         server_command(tmp_path, 8000, "cuda")
     cmd = server_command(tmp_path, 8000, "cpu")
     assert cmd[-1] == str(tmp_path) and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_a_sample_refused_after_others_were_answered_is_an_unparsable_verdict(tmp_path):
+    """A server that answers others but refuses one conversation (400: longer than the judge's
+    context) gives that one an unparsable verdict, handled by the policy and cached, also when it
+    is the first request (a one-word probe shows the server works); a server that refuses the
+    probe too has a setting wrong, and that stops the shard."""
+    script = {"models": ["judge-a"], "default": GOOD, "rules": [{"match": "huge", "status": 400}]}
+    with scripted_server(script, tmp_path) as server, VerdictCache(tmp_path / "v.sqlite") as cache:
+        one_by_one = spec(endpoint=server.url, concurrency=1)
+        got = judge_all(samples("first", "second", "huge"), one_by_one, server.url, cache)
+        refused = got["digest-huge"]
+        assert refused.unparsable and refused.passed is False and "HTTP 400" in refused.reason
+        assert got["digest-first"].passed and got["digest-second"].passed
+        judge_all(samples("first", "second", "huge"), one_by_one, server.url, cache)
+        assert server.stats()["received"][key("huge")] == 1          # cached, never asked again
+        with VerdictCache(tmp_path / "fresh.sqlite") as fresh:   # refused first: the probe passes
+            assert judge_all(samples("huge too"), one_by_one, server.url, fresh)[
+                "digest-huge too"].unparsable
+    everything = {"models": ["judge-a"], "default": GOOD, "rules": [{"match": "", "status": 400}]}
+    with scripted_server(everything, tmp_path / "b") as server:
+        with pytest.raises(JudgeError, match="refused .*HTTP 400"):
+            judge_all(samples("any"), spec(endpoint=server.url), server.url,
+                      VerdictCache(tmp_path / "b.sqlite"))
