@@ -34,5 +34,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/cached_rerun.py
 	$(PY) benchmarks/convert_memory.py
 	$(PY) benchmarks/long_context.py
+	$(PY) benchmarks/sft_loss.py
+	$(PY) benchmarks/curation_rules.py
+	$(PY) benchmarks/judge_throughput.py
 
 .PHONY: install demo test bench

@@ -302,9 +302,13 @@ def fine_tune(config: SftConfig, inputs: dict[str, StageInput], out_dir: Path,
     phase = run_config(config, inputs, steps, data_name)
     art = train_phase(phase, {config.from_: inputs[config.from_], data_name: chat}, out_dir, ctx)
     metrics = {k: v for k, v in art.metrics.items() if not k.startswith("heldout_loss")}
+    held = summary.get("heldout", {})
     if "heldout_loss" in art.metrics:  # the loss over held-out assistant tokens only (the mask)
         metrics["heldout_assistant_loss"] = art.metrics["heldout_loss"]
-    held = summary.get("heldout", {})
+    elif held:   # packed held-out sequences need seq_length + 1 tokens
+        print(f"[{ctx.stage}] no heldout_assistant_loss: the held-out conversations have "
+              f"{held.get('tokens', 0)} tokens, fewer than one sequence of {config.seq_length} + 1; "
+              "hold out more (the curate stage's heldout_fraction)", flush=True)
     extra = {**art.extra, "parent": config.from_, "data": config.data, "epochs": config.epochs,
              "conversations": train["conversations"], "train_tokens": train["tokens"],
              "assistant_tokens": train["assistant_tokens"],

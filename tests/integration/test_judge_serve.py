@@ -12,34 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.data.chat_format import CHAT_TEMPLATE, ROLE_TOKENS
 from stages.data.judge import JudgeSpec, VerdictCache, judge_all
 from stages.data.judge_server import JudgeServerError, judge_endpoint, serve_model
 from stages.schema import from_dict
-
-
-def tiny_granite(out: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GraniteConfig, GraniteForCausalLM, PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the judge scores each answer with a number from one to five"] * 20,
-                            trainer=trainers.BpeTrainer(
-                                vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>", *ROLE_TOKENS],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   eos_token="<|end_of_text|>")
-    fast.chat_template = CHAT_TEMPLATE
-    cfg = GraniteConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0,
-                        pad_token_id=1, eos_token_id=tok.token_to_id("<|end_of_text|>"))
-    torch.manual_seed(0)
-    GraniteForCausalLM(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+from tests.support.tiny_models import tiny_granite
 
 
 def processes_naming(text: str) -> dict[int, int]:

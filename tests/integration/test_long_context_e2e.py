@@ -24,6 +24,13 @@ def chain(prefect_server, tmp_path_factory):
     return store, out, last_result(store)
 
 
+def store_dir(store: Path, stage: str) -> Path:
+    """The one output dir of ``stage`` in ``store`` (a test store holds one key per stage)."""
+    found = [p for p in store.glob(f"{stage}-*") if (p / "artifact.json").exists()]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def artifact(result: dict, stage: str) -> dict:
     return json.loads((Path(result["stages"][stage]["out_dir"]) / "artifact.json").read_text())
 
@@ -99,7 +106,10 @@ def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
     before and after, then `forge export` of merge-3 and of sft, loaded by transformers."""
     import subprocess
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.support.tiny_models import stage_logits
     store = chain[0]
     small = [*SMALL, *SMALL_LONG_CONTEXT, *SMALL_POST_TRAINING]
     forge("run", *small, "--only", POST_TRAINING, store=store, timeout=900)
@@ -145,3 +155,10 @@ def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
                        "<|start_of_role|>assistant<|end_of_role|>", text
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+        # the export computes what the stage's Megatron model computes (fp32; test_export.py's bound)
+        with torch.no_grad():
+            hf = model(input_ids=ids).logits.float()
+        mc = stage_logits(Path(result["stages"][stage]["out_dir"]) if stage in result["stages"]
+                          else store_dir(store, stage), ids[0].tolist())
+        diff, scale = (hf - mc).abs().max().item(), hf.abs().max().item()
+        assert diff <= 3e-6 * scale, (stage, diff, scale)

@@ -89,6 +89,7 @@ POST_TRAINING = "eval-chat-.*"
 SMALL_POST_TRAINING = [
     "stages.curate.sources.chat.samples=60", "stages.curate.eval_prompts.count=8",
     "stages.curate.shards=1", "stages.curate.judge.max_tokens=4", "stages.sft.epochs=1",
+    "stages.curate.heldout_fraction=0.25",   # a held-out set longer than one packed sequence
     "stages.eval-chat-before.chat_samples=4", "stages.eval-chat-after.chat_samples=4",
     "stages.eval-chat-before.max_new_tokens=8", "stages.eval-chat-after.max_new_tokens=8",
 ]

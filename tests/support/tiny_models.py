@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from stages.base import Artifact, StageInput, file_digest, read_artifact, write_artifact
-from stages.data.chat_format import ROLE_TOKENS, render, sample_digest
+from stages.data.chat_format import CHAT_TEMPLATE, ROLE_TOKENS, render, sample_digest
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ = 64
@@ -139,3 +139,50 @@ def trained_chat_model(root: Path, steps: int = 400) -> Path:
     model = root / "pretrain"
     run_worker(model, "pretrain", "pretrain", pretrain_config(steps), {"tokenize": tokenize})
     return model
+
+
+def stage_logits(stage_dir: Path, ids: list[int]):
+    """The logits [1, len(ids), vocab] of a model stage's final checkpoint on Megatron-core (CPU,
+    a world of one, fp32), for comparing an export with the model it came from."""
+    import torch
+
+    from stages.specs import PrecisionSpec, spec_of_artifact
+    from stages.training.checkpoint import load_checkpoint
+    from stages.training.cpu_shim import megatron_world
+    from stages.training.model import build_model, causal_mask
+    art = read_artifact(stage_dir)
+    spec = spec_of_artifact(StageInput("model", Path(stage_dir), art))
+    with megatron_world():
+        model = build_model(spec, PrecisionSpec(), device="cpu")
+        load_checkpoint(Path(stage_dir) / art.outputs["checkpoint"], model, None)
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), torch.arange(len(ids))[None],
+                        causal_mask(len(ids), "cpu")).float()
+    return out[..., :spec.vocab_size]
+
+
+def tiny_granite(out: Path, hidden: int = 64, heads: int = 4) -> Path:
+    """A random Hugging Face Granite folder with a BPE tokenizer that has the role tokens and the
+    chat template: a model a judge server can serve (vLLM wants head dim 64: hidden 256, 4 heads)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GraniteConfig, GraniteForCausalLM, PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the judge scores each answer with a number from one to five"] * 20,
+                            trainer=trainers.BpeTrainer(
+                                vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>", *ROLE_TOKENS],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   eos_token="<|end_of_text|>")
+    fast.chat_template = CHAT_TEMPLATE
+    cfg = GraniteConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
+                        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0,
+                        pad_token_id=1, eos_token_id=tok.token_to_id("<|end_of_text|>"))
+    torch.manual_seed(0)
+    GraniteForCausalLM(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
