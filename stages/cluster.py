@@ -154,3 +154,13 @@ def check_batch_split(global_batch_size: int, micro_batch_size: int, data_parall
     if mbs and (gbs // dp) % mbs:
         raise ConfigError(f"{where}.micro_batch_size: {mbs} does not divide the batch per "
                           f"data-parallel rank ({gbs} / {dp} = {gbs // dp})")
+
+
+def check_training_layout(layout: "ParallelSpec", model: ModelSpec, seq_length: int,
+                          global_batch_size: int, micro_batch_size: int, where: str,
+                          model_where: str) -> None:
+    """A training stage's layout fits its model, its length, its devices and its batch."""
+    layout.check_model(model, model_where)
+    layout.check_context(seq_length, where)
+    layout.check_device(where)
+    check_batch_split(global_batch_size, micro_batch_size, layout.data_parallel, where)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.cluster import check_batch_split, check_stage_parallel, stage_cluster
-from stages.layout import newest_checkpoint
+from stages.base import Artifact, RunContext, StageGraph, StageInput
+from stages.cluster import check_stage_parallel, check_training_layout
 from stages.schema import ConfigError, configclass, identity_dict, param, setting
 from stages.specs import ModelSpec, PrecisionSpec, ScheduleSpec, shape_differences
-from stages.training.precision import check_precision, require_fp8_runtime
+from stages.training.kind import TrainingKind
+from stages.training.precision import check_precision
 
 
 @configclass
@@ -86,12 +86,10 @@ class PretrainConfig:
         return self.tokens // (self.global_batch_size * self.seq_length)
 
 
-class Pretrain(StageKind):
+class Pretrain(TrainingKind):
     name = "pretrain"
     Config = PretrainConfig
     parent_fields = ("from_", "data")
-    launcher = "torchrun"
-    makes_model = True
 
     @classmethod
     def check(cls, config: PretrainConfig, stage: str, graph: StageGraph, cluster: Any) -> None:
@@ -112,38 +110,19 @@ class Pretrain(StageKind):
         if vocab > config.model.vocab_size:
             raise ConfigError(f"stages.{stage}.model.vocab_size: {config.model.vocab_size} is smaller "
                               f"than stage {tok.tokenizer!r}'s vocab_size ({vocab}); raise it")
-        layout = cls.layout(config, cluster)
-        layout.check_model(config.model, f"stages.{stage}.model")
-        layout.check_context(config.seq_length, f"stages.{stage}")
-        layout.check_device(f"stages.{stage}")
-        check_batch_split(config.global_batch_size, config.micro_batch_size, layout.data_parallel,
-                          f"stages.{stage}")
+        check_training_layout(cls.layout(config, cluster), config.model, config.seq_length,
+                              config.global_batch_size, config.micro_batch_size, f"stages.{stage}",
+                              f"stages.{stage}.model")
         check_precision(config.precision, cluster, f"stages.{stage}.precision")
-
-    @classmethod
-    def blocked(cls, config: PretrainConfig, cluster: Any) -> str:
-        return cls.layout(config, cluster).not_built()
 
     @classmethod
     def tokens(cls, config: PretrainConfig) -> int:
         return config.tokens
 
     @classmethod
-    def layout(cls, config: PretrainConfig, cluster: Any) -> Any:
-        return stage_cluster(cluster, config.parallel)
-
-    @classmethod
     def compute_plan(cls, stage: str, config: PretrainConfig, cluster: Any) -> Any:
         from stages.training.compute import plan_training_stage
         return plan_training_stage(stage, config, cls.layout(config, cluster))
-
-    @classmethod
-    def preflight(cls, config: PretrainConfig, where: str) -> None:
-        require_fp8_runtime(config.precision, f"{where}.precision")
-
-    @classmethod
-    def resume_point(cls, out_dir: Path) -> Path | None:
-        return newest_checkpoint(out_dir)
 
     @classmethod
     def trained_model(cls, config: PretrainConfig) -> ModelSpec:

@@ -41,13 +41,13 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
-from stages.cluster import check_batch_split, check_stage_parallel, stage_cluster
-from stages.layout import newest_checkpoint
+from stages.base import Artifact, RunContext, StageGraph, StageInput
+from stages.cluster import check_stage_parallel, check_training_layout
 from stages.schema import ConfigError, configclass, param, setting
 from stages.specs import PrecisionSpec, ScheduleSpec
 from stages.training.pretrain import PretrainConfig
-from stages.training.precision import check_precision, require_fp8_runtime
+from stages.training.kind import TrainingKind
+from stages.training.precision import check_precision
 
 DATA_DIR = "sft_data"      # the tokenized conversations, inside the stage's output dir
 SOURCE = "chat"            # their one "source": tokens/chat, heldout/chat
@@ -92,12 +92,10 @@ class SftRunConfig(PretrainConfig):
     carries_optimizer: ClassVar[bool] = False  # weights only: fresh AdamW moments
 
 
-class Sft(StageKind):
+class Sft(TrainingKind):
     name = "sft"
     Config = SftConfig
     parent_fields = ("from_", "data")
-    launcher = "torchrun"
-    makes_model = True
     built = True
 
     @classmethod
@@ -128,17 +126,10 @@ class Sft(StageKind):
                               "backend only; on GPUs (cluster.device=cuda) it needs THD packing, "
                               "which is not built yet, and packed conversations would attend "
                               f"across their boundaries; set {where}.document_mask=false on GPUs")
-        layout = cls.layout(config, cluster)
-        layout.check_model(model, f"{where}.from ({config.from_!r})")
-        layout.check_context(config.seq_length, where)
-        layout.check_device(where)
-        check_batch_split(config.global_batch_size, config.micro_batch_size, layout.data_parallel,
-                          where)
+        check_training_layout(cls.layout(config, cluster), model, config.seq_length,
+                              config.global_batch_size, config.micro_batch_size, where,
+                              f"{where}.from ({config.from_!r})")
         check_precision(config.precision, cluster, f"{where}.precision")
-
-    @classmethod
-    def blocked(cls, config: SftConfig, cluster: Any) -> str:
-        return cls.layout(config, cluster).not_built()
 
     @classmethod
     def tokens(cls, config: SftConfig) -> int:
@@ -150,18 +141,6 @@ class Sft(StageKind):
         """None: the token count (and so the cost) is unknown before curation, and the model
         shape is the parent's, which this hook cannot see."""
         return None
-
-    @classmethod
-    def layout(cls, config: SftConfig, cluster: Any) -> Any:
-        return stage_cluster(cluster, config.parallel)
-
-    @classmethod
-    def preflight(cls, config: SftConfig, where: str) -> None:
-        require_fp8_runtime(config.precision, f"{where}.precision")
-
-    @classmethod
-    def resume_point(cls, out_dir: Path) -> Path | None:
-        return newest_checkpoint(out_dir)
 
     @classmethod
     def model_source(cls, config: SftConfig, graph: StageGraph) -> str | None:

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +26,9 @@ import pytest
 import torch
 
 from stages.base import Artifact, read_artifact, write_artifact
-from tests.support.helpers import kill_at_first_checkpoint
+from tests.support.helpers import (kill_at_first_checkpoint, losses, run_worker, worker_cmd,
+                                   worker_env)
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB, EOD = 512, 0
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2,
          "kv_channels": 16, "ffn_hidden_size": 192, "vocab_size": VOCAB,
@@ -85,32 +82,6 @@ def write_spec(out_dir: Path, stage: str, config: dict, inputs: dict[str, Path],
     path = out_dir / "spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path
-
-
-def worker_cmd(spec: Path, nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "stages.worker", str(spec)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "stages.worker", str(spec)]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def run_worker(spec: Path, nproc: int = 1) -> str:
-    proc = subprocess.run(worker_cmd(spec, nproc), cwd=REPO, env=worker_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
-    return proc.stdout
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def final_tensors(out_dir: Path) -> dict:

