@@ -206,18 +206,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flows import runner
-    from flows.plan import complete, newest_checkpoint
+    from flows.plan import complete, newest_checkpoint, parts_done
     prep = runner.prepare(args.overrides)
+    width = max(14, *(len(n) for n in prep.dag.nodes))
     for name, node in prep.dag.nodes.items():
         if complete(node):
             state = "complete"
         elif (ck := newest_checkpoint(node)) is not None:
             state = f"unfinished (checkpoints/{ck})"
+        elif done := parts_done(node):
+            state = f"unfinished ({len(done)} of {len(node.kind_cls.parts(node.config))} parts done)"
         elif node.out_dir.exists():
             state = "started, no checkpoint yet"
         else:
             state = "not run"
-        print(f"  {name:<14} {state:<34} {node.out_dir}")
+        print(f"  {name:<{width}} {state:<34} {node.out_dir}")
     return 0
 
 
