@@ -14,7 +14,7 @@ JSON object in the text, every criterion present, an integer in its range. Anyth
 unparsable verdict, kept with its raw text and why, and handled by ``on_unparsable``: ``reject``
 (the sample is dropped), ``keep`` (kept unjudged) or ``fail`` (``UnparsableVerdict``).
 
-Verdicts are cached in sqlite (``VerdictCache``) under (sample digest, ``rubric_digest``, judge
+Verdicts are cached in sqlite (``verdicts.VerdictCache``) under (sample digest, ``rubric_digest``, judge
 model), one commit per verdict as it arrives, so a shard killed midway keeps what it got and no
 rerun asks the judge the same thing twice. The rubric digest covers what changes a reply: the
 criteria's names, questions and ranges, the prompt version, the judge model and the request's
@@ -24,7 +24,9 @@ criteria's names, questions and ranges, the prompt version, the judge model and 
 ``concurrency`` requests in flight; connection errors, time-outs, 429/5xx and non-JSON bodies are
 retried with exponential backoff (``backoff_s * 2**attempt``); when a sample's retries run out it
 raises ``JudgeUnavailable`` naming the endpoint, once the verdicts already received are cached.
-A 4xx other than 429 (say, a model the server does not serve) fails at once with the server's words.
+A 4xx other than 429 (say, a model the server does not serve) fails at once with the server's
+words, unless the server answers a one-word probe: then it refused that one conversation (longer
+than its context) and the conversation gets an unparsable verdict.
 """
 from __future__ import annotations
 
@@ -32,14 +34,12 @@ import dataclasses
 import hashlib
 import json
 import re
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Any, Literal
 
+from stages.data.verdicts import Verdict, VerdictCache
 from stages.schema import configclass, param, setting
 
 PROMPT_VERSION = "granite-forge-judge-v1"
@@ -118,30 +118,6 @@ class JudgeRefused(JudgeError):
 
 class UnparsableVerdict(JudgeError):
     """``on_unparsable: fail`` met a reply that is not a verdict."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """One judgement. ``passed``: every score reaches its threshold; for an unparsable verdict,
-    what ``on_unparsable`` decided (None in the cache, where no policy applies yet)."""
-    scores: dict[str, int] | None
-    passed: bool | None
-    unparsable: bool
-    reason: str
-    raw: str
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Verdict":
-        return cls(**json.loads(text))
-
-    def failed(self, spec: JudgeSpec) -> list[str]:
-        """The criteria whose score is below its threshold (for the report)."""
-        if self.scores is None:
-            return []
-        return [n for n, c in spec.rubric.items() if self.scores[n] < c.threshold]
 
 
 def rubric_digest(spec: JudgeSpec, model: str | None = None) -> str:
@@ -250,52 +226,6 @@ def decide(verdict: Verdict, spec: JudgeSpec, digest: str) -> Verdict:
                                 f"({verdict.reason}); raw reply: {verdict.raw[:500]!r}. Set "
                                 "judge.on_unparsable to reject or keep, or use a stronger judge")
     return dataclasses.replace(verdict, passed=spec.on_unparsable == "keep")
-
-
-# ---- the cache ----
-
-class VerdictCache:
-    """Verdicts in a sqlite file, keyed by (sample digest, rubric digest, judge model). Each
-    ``put`` commits at once; several processes may share the file (sqlite's locks, busy time-out)."""
-
-    def __init__(self, path: Path | str, busy_timeout_s: float = 60.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False)
-        with self._lock, self._db:
-            self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (sample TEXT NOT NULL, "
-                             "rubric TEXT NOT NULL, model TEXT NOT NULL, verdict TEXT NOT NULL, "
-                             "created REAL NOT NULL, PRIMARY KEY (sample, rubric, model))")
-
-    def get_many(self, samples: Sequence[str], rubric: str, model: str) -> dict[str, Verdict]:
-        out: dict[str, Verdict] = {}
-        with self._lock:
-            for i in range(0, len(samples), 500):  # sqlite's limit on bound variables
-                chunk = list(samples[i:i + 500])
-                rows = self._db.execute(
-                    f"SELECT sample, verdict FROM verdicts WHERE rubric = ? AND model = ? AND sample "
-                    f"IN ({','.join('?' * len(chunk))})", [rubric, model, *chunk]).fetchall()
-                out.update({s: Verdict.from_json(v) for s, v in rows})
-        return out
-
-    def put(self, sample: str, rubric: str, model: str, verdict: Verdict) -> None:
-        with self._lock, self._db:  # one transaction, committed on exit
-            self._db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
-                             (sample, rubric, model, verdict.to_json(), time.time()))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> "VerdictCache":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ---- the client ----
