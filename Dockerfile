@@ -30,6 +30,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Ubuntu 24.04's Python is 3.12 (megatron-core >= 0.17 needs it); -dev for the TE extension build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev python3-venv git \
+        bubblewrap \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -44,6 +45,8 @@ WORKDIR /opt/granite-forge
 COPY pyproject.toml README.md ./
 COPY stages ./stages
 COPY flows ./flows
+# installed as forge_kernels (pyproject: a top-level `kernels` would shadow Hugging Face's)
+COPY kernels ./kernels
 # lm-evaluation-harness task files read by `evaluate` stages (not part of the installed package)
 COPY conf/lm_eval ./conf/lm_eval
 ENV FORGE_LM_EVAL_TASKS=/opt/granite-forge/conf/lm_eval

@@ -2,7 +2,7 @@
 # and `make test` (install + run the tests). Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-ONLY   ?= eval-pretrain|eval-extend-.*|eval-merge-.*|eval-chat-.*
+ONLY   ?=
 STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
@@ -23,10 +23,15 @@ SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver
 
-demo: $(STAMP)
-	$(VENV)/bin/forge run pipeline=granite-4.1-tiny --only '$(ONLY)'
+# bubblewrap, from the distribution: the sandbox of the RL code reward (stages/rl/sandbox.py)
+/usr/bin/bwrap:
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends bubblewrap
 
-test: $(STAMP) /usr/bin/chromedriver
+demo: $(STAMP) /usr/bin/bwrap
+	$(VENV)/bin/forge run pipeline=granite-4.1-tiny $(if $(ONLY),--only '$(ONLY)')
+
+test: $(STAMP) /usr/bin/chromedriver /usr/bin/bwrap
 	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)

@@ -27,13 +27,9 @@ about +-10 MiB from run to run):
     100.1M tied        382 MiB   +190 MiB 0.50x     +133 MiB 0.35x
     124.7M untied      476 MiB   +246 MiB 0.52x     +228 MiB 0.48x  (before: +1209 MiB, 2.54x)
 
-The mapping (FACTS.md, "Megatron <-> Hugging Face conversion"):
+The name mapping, the q/k/v split and the tensor order live in ``stages/models/weights.py``
+(``hf_stream``), the one weight-streaming path the rollout engines use as well. Here:
 
-- ``linear_qkv`` is grouped per KV group: view as (groups, q_per_group + 2, head_dim, hidden);
-- ``linear_fc1`` is [gate; up] along dim 0;
-- the norms live in the checkpoint as ``linear_qkv.layer_norm_weight`` (input norm) and
-  ``linear_fc1.layer_norm_weight`` (post-attention norm);
-- tied embeddings: no ``lm_head.weight`` and ``tie_word_embeddings=True``;
 - Granite's four multipliers are the spec's (``embedding_multiplier``, ``residual_multiplier``,
   ``logits_scaling``; ``attention_multiplier``, written as 1/sqrt(head_dim) when the spec has
   none), and ``rms_norm_eps`` is Megatron's ``layernorm_epsilon``.
@@ -53,54 +49,12 @@ import torch
 import torch.distributed as dist
 
 from stages.models.convert_io import (Part, SafetensorsReader, SliceReader, write_safetensors, write_torch_dist)
+from stages.models.weights import LAYER_CHUNKS, MEGATRON_LAYER, hf_shapes, hf_stream, join_qkv
 from stages.training.model import padded_vocab_size
 from stages.specs import ModelSpec
 
 EOD, PAD = "<|endoftext|>", "<|pad|>"
 LAYERS = "decoder.layers."  # prefix of the stacked per-layer tensors in a torch_dist checkpoint
-
-
-# ---------------------------------------------------------------- layout
-def _split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, d, h = spec.num_query_groups, spec.kv_channels, spec.hidden_size
-    per = spec.num_attention_heads // g
-    grouped = qkv.view(g, per + 2, d, h)  # per KV group: its q heads, then k, then v
-    return (grouped[:, :per].reshape(g * per * d, h), grouped[:, per].reshape(g * d, h),
-            grouped[:, per + 1].reshape(g * d, h))
-
-
-def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    g, d, h = spec.num_query_groups, spec.kv_channels, spec.hidden_size
-    per = spec.num_attention_heads // g
-    return torch.cat([q.view(g, per, d, h), k.view(g, 1, d, h), v.view(g, 1, d, h)],
-                     dim=1).reshape(-1, h)
-
-
-# Each per-layer Megatron tensor, as the chunks (along its dim 0) Megatron's own save stores, each
-# made of these HF tensors: q, k, v are joined per KV group; SwiGLU's fc1 is [gate; up].
-_LAYER_CHUNKS = (
-    ("self_attention.linear_qkv.layer_norm_weight", (("input_layernorm",),)),
-    ("self_attention.linear_qkv.weight",
-     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)),
-    ("self_attention.linear_proj.weight", (("self_attn.o_proj",),)),
-    ("mlp.linear_fc1.layer_norm_weight", (("post_attention_layernorm",),)),
-    ("mlp.linear_fc1.weight", (("mlp.gate_proj",), ("mlp.up_proj",))),
-    ("mlp.linear_fc2.weight", (("mlp.down_proj",),)),
-)
-_MEGATRON_LAYER = tuple(key for key, _ in _LAYER_CHUNKS)
-_HF_LAYER = tuple(name for _, chunks in _LAYER_CHUNKS for chunk in chunks for name in chunk)
-
-
-def _hf_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
-    """Every HF tensor name and shape, in the order megatron_to_hf writes them."""
-    h, f, d, v = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels, spec.vocab_size
-    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
-    layer = ((h,), (q, h), (kv, h), (kv, h), (h, q), (h,), (f, h), (f, h), (h, f))
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(spec.num_layers):
-        out += [(f"model.layers.{i}.{n}.weight", s) for n, s in zip(_HF_LAYER, layer, strict=True)]
-    out.append(("model.norm.weight", (h,)))
-    return out + ([] if spec.tied_embeddings else [("lm_head.weight", (v, h))])
 
 
 # ---------------------------------------------------------------- config
@@ -205,37 +159,29 @@ def megatron_to_hf(ckpt: Path, spec: ModelSpec, out_dir: Path,
         raise ValueError(f"{ckpt}: embedding {tuple(emb_md.size)} does not fit the spec "
                          f"(vocab {spec.vocab_size} padded to {padded_vocab_size(spec.vocab_size)}, "
                          f"hidden {spec.hidden_size})")
-    if (n := reader.meta[LAYERS + _MEGATRON_LAYER[1]].size[0]) != spec.num_layers:
+    if (n := reader.meta[LAYERS + MEGATRON_LAYER[1]].size[0]) != spec.num_layers:
         raise ValueError(f"{ckpt}: {n} layers, the spec says {spec.num_layers}")
     if ("output_layer.weight" in reader.meta) == spec.tied_embeddings:
         raise ValueError(f"{ckpt}: {'an' if spec.tied_embeddings else 'no'} output_layer.weight, "
                          f"which does not fit spec.tied_embeddings={spec.tied_embeddings}")
-    dtype, v = emb_md.properties.dtype, spec.vocab_size
+    dtype = emb_md.properties.dtype
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        # Rows past vocab_size are TP padding that no token reaches: dropped.
-        yield "model.embed_tokens.weight", reader.read({emb_key: None})[emb_key][:v]
-        for i in range(spec.num_layers):
-            t = {n: x for n, x in zip(_MEGATRON_LAYER, reader.read(
-                {LAYERS + n: i for n in _MEGATRON_LAYER}).values())}
-            q, k, val = _split_qkv(t["self_attention.linear_qkv.weight"], spec)
-            gate, up = t["mlp.linear_fc1.weight"].chunk(2, dim=0)
-            hf = (t["self_attention.linear_qkv.layer_norm_weight"], q, k, val,
-                  t["self_attention.linear_proj.weight"], t["mlp.linear_fc1.layer_norm_weight"],
-                  gate, up, t["mlp.linear_fc2.weight"])
-            for name, x in zip(_HF_LAYER, hf, strict=True):
-                yield f"model.layers.{i}.{name}.weight", x
-            del t, q, k, val, gate, up, hf  # this layer's buffers go before the next is read
-        yield "model.norm.weight", reader.read({(k := "decoder.final_layernorm.weight"): None})[k]
-        if not spec.tied_embeddings:
-            yield "lm_head.weight", reader.read({(k := "output_layer.weight"): None})[k][:v]
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        return dict(zip(MEGATRON_LAYER, reader.read({LAYERS + n: i for n in MEGATRON_LAYER}).values()))
+
+    # The one Megatron -> HF mapping (stages/models/weights.py), read one layer slice at a time.
+    tensors = hf_stream(
+        spec, embedding=lambda: reader.read({emb_key: None})[emb_key], layer=layer,
+        final_norm=lambda: reader.read({(k := "decoder.final_layernorm.weight"): None})[k],
+        output=None if spec.tied_embeddings else (
+            lambda: reader.read({(k := "output_layer.weight"): None})[k]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = _save_tokenizer(Path(tokenizer_json), out_dir) if tokenizer_json is not None else {
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     config = granite_config(spec, **ids)
     config.dtype = dtype
-    write_safetensors(out_dir / "model.safetensors", _hf_shapes(spec), dtype, tensors())
+    write_safetensors(out_dir / "model.safetensors", hf_shapes(spec), dtype, tensors)
     config.save_pretrained(str(out_dir))
     return out_dir
 
@@ -252,7 +198,7 @@ _EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.
 def _megatron_parts(spec: ModelSpec, src: SafetensorsReader) -> list[Part]:
     """The chunks of the Megatron checkpoint, each read and converted only when written."""
     h, v, n = spec.hidden_size, spec.vocab_size, spec.num_layers
-    vp, shapes = padded_vocab_size(v), dict(_hf_shapes(spec))
+    vp, shapes = padded_vocab_size(v), dict(hf_shapes(spec))
 
     def fp32(name: str) -> torch.Tensor:  # Megatron keeps fp32 master weights
         return src.read(name).float()
@@ -268,7 +214,7 @@ def _megatron_parts(spec: ModelSpec, src: SafetensorsReader) -> list[Part]:
                     (lambda: padded(name)) if rows != shapes[name][0] else (lambda: fp32(name)))
 
     def chunk(names: tuple[str, ...]) -> torch.Tensor:  # three names: q, k, v
-        return _join_qkv(*map(fp32, names), spec) if len(names) == 3 else fp32(names[0])
+        return join_qkv(*map(fp32, names), spec) if len(names) == 3 else fp32(names[0])
 
     def layer_parts(key: str, chunks: tuple[tuple[str, ...], ...]) -> Iterator[Part]:
         names = [[f"model.layers.{{i}}.{x}.weight" for x in c] for c in chunks]
@@ -281,7 +227,7 @@ def _megatron_parts(spec: ModelSpec, src: SafetensorsReader) -> list[Part]:
                            (1, r, *rest), lambda got=got: chunk(got)[None])
 
     parts = [whole("embedding.word_embeddings.weight", "model.embed_tokens.weight", vp)]
-    for key, chunks in _LAYER_CHUNKS:
+    for key, chunks in LAYER_CHUNKS:
         parts += layer_parts(key, chunks)
     parts.append(whole("decoder.final_layernorm.weight", "model.norm.weight", h))
     if not spec.tied_embeddings:
@@ -312,7 +258,7 @@ def hf_to_megatron(hf_dir: Path, out_ckpt: Path, state=None) -> ModelSpec:
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors file")
     src = SafetensorsReader(files)
-    src.check(dict(_hf_shapes(spec)))  # fail before writing anything
+    src.check(dict(hf_shapes(spec)))  # fail before writing anything
     if not dist.is_initialized() or dist.get_rank() == 0:
         # Built beside the target and moved into place whole, ``done`` included.
         tmp = out_ckpt.parent / f".tmp-convert-{out_ckpt.name}"

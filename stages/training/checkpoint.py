@@ -8,6 +8,8 @@ Layout of ``<out_dir>/checkpoints/iter_XXXXXXX/`` (XXXXXXX = optimizer steps don
   reshard between TP sizes;
 - ``state.json``: ``TrainState`` (phase step, tokens of the phase and in total, consumed samples,
   AdamW's step counter, the parallel layout);
+- ``loop_state.json`` (optional): a loop's own resumable state beyond ``TrainState``, as JSON
+  (the RL loop's prompt position and dynamic-sampling counters), read back by ``read_loop_state``;
 - ``rng/rank_XXXXX.pt``: python, numpy and torch (and cuda) RNG states of each rank;
 - ``done`` (JSON), written last: the sha256 and size of every other file, and the state.
 
@@ -47,6 +49,7 @@ from stages.layout import (CHECKPOINTS, DONE, ITER, STATE, TMP, checkpoint_dirs,
 
 __all__ = ["CHECKPOINTS", "DONE", "STATE", "iter_name", "problem"]
 MOMENTS = ("exp_avg", "exp_avg_sq")
+LOOP_STATE = "loop_state.json"
 
 
 @dataclasses.dataclass
@@ -109,6 +112,12 @@ def read_state(ckpt: Path) -> TrainState:
 
 
 # ---------------------------------------------------------------- sharded state
+def read_loop_state(ckpt: Path) -> dict | None:
+    """The ``loop_state`` saved with ``ckpt`` (None when the loop saved none)."""
+    path = Path(ckpt) / LOOP_STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -282,8 +291,9 @@ def write_done(ckpt: Path, state: TrainState) -> None:
 
 
 def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, state: TrainState,
-                    keep: int = 2) -> Path:
-    """Save atomically to ``out_dir/checkpoints/iter_<state.step>``; prune to ``keep``. Collective."""
+                    keep: int = 2, loop_state: dict | None = None) -> Path:
+    """Save atomically to ``out_dir/checkpoints/iter_<state.step>``; prune to ``keep``. Collective.
+    ``loop_state`` (rank 0's, JSON-able) is saved beside the train state, under the same ``done``."""
     from megatron.core import dist_checkpointing
     root = Path(out_dir) / CHECKPOINTS
     final = root / iter_name(state.step)
@@ -303,6 +313,8 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
         _barrier()
         if rank == 0:
             _write_atomic(tmp / STATE, json.dumps(dataclasses.asdict(state), indent=1))
+            if loop_state is not None:
+                _write_atomic(tmp / LOOP_STATE, json.dumps(loop_state, indent=1, sort_keys=True))
             if final.exists():  # an earlier, incomplete save of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)

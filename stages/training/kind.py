@@ -18,7 +18,7 @@ class TrainingKind(StageKind):
 
     @classmethod
     def blocked(cls, config: Any, cluster: Any) -> str:
-        return cls.layout(config, cluster).not_built()
+        return super().blocked(config, cluster) or cls.layout(config, cluster).not_built()
 
     @classmethod
     def layout(cls, config: Any, cluster: Any) -> Any:

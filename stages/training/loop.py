@@ -221,11 +221,13 @@ def model_outputs(checkpoint: str, data: StageInput, out_dir: Path) -> dict[str,
     return {"checkpoint": checkpoint, "tokenizer": "tokenizer.json"}
 
 
-def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str) -> Path:
+def save(out_dir: Path, model, optimizer, state, config, env: Env, stage: str,
+         loop_state: dict | None = None) -> Path:
     """Checkpoint (collective) and say how long it took, or why it failed and what to do."""
     t0 = time.time()
     try:
-        path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints)
+        path = ckpt.save_checkpoint(out_dir, model, optimizer, state, keep=config.keep_checkpoints,
+                                    loop_state=loop_state)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException

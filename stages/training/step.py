@@ -137,19 +137,30 @@ def heldout_losses(model, heldout: dict[str, str], eod_id: int, config, env: Env
 def train_step(net, ddp, optimizer, dataset, indices, mbs: int, lr: float, mask, config,
                env: Env) -> tuple[float, float]:
     """One optimizer step on this rank's ``indices``; returns (global mean loss, grad norm)."""
+    begin_step(ddp, optimizer, lr)
+    loss_sum, toks = run_micro_batches(net, dataset, list(indices), mbs, mask, config, env, train=True)
+    norm = finish_step(ddp, optimizer, config)
+    loss_sum, toks = dp_sum([loss_sum, toks], env)
+    return loss_sum / toks, norm
+
+
+def begin_step(ddp, optimizer, lr: float) -> None:
+    """Set the LR and zero the gradients (and Megatron DDP's buffers) before accumulating."""
     for g in optimizer.param_groups:
         g["lr"] = lr
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     if ddp is not None:
         ddp.zero_grad_buffer()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, toks = run_micro_batches(net, dataset, list(indices), mbs, mask, config, env, train=True)
+
+
+def finish_step(ddp, optimizer, config) -> float:
+    """All-reduce the accumulated gradients over DP, clip by the global norm, step; the norm."""
     if ddp is not None:
         ddp.finish_grad_sync()  # all-reduce (mean over DP) into param.main_grad
     if is_megatron_optimizer(optimizer):  # clip + step its shard + all-gather the weights
         _, norm, _ = optimizer.step()     # norm is None when clipping is off (grad_clip 0)
-        loss_sum, toks = dp_sum([loss_sum, toks], env)
-        return loss_sum / toks, float("nan") if norm is None else float(norm)
+        return float("nan") if norm is None else float(norm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if ddp is not None:
         for p in params:
             p.grad = p.main_grad
@@ -160,5 +171,4 @@ def train_step(net, ddp, optimizer, dataset, indices, mbs: int, lr: float, mask,
             if p.grad is not None:
                 p.grad.mul_(coef)
     optimizer.step()
-    loss_sum, toks = dp_sum([loss_sum, toks], env)
-    return loss_sum / toks, norm
+    return norm

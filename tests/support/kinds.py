@@ -91,3 +91,15 @@ class Fanout(StageKind):
 
 
 register(Fanout)
+
+
+def mark_rl_unbuilt(monkeypatch) -> None:
+    """Register the rl kind as not built (as it was before issue 12), for tests of how a plan, a
+    run and the DAG picture treat a kind that validates but cannot run."""
+    import stages
+    from stages.rl.grpo import Rl
+
+    class Unbuilt(Rl):
+        built = False
+        not_built_reason = "is not built yet: RL (GRPO with the DAPO loss) is issue 12"
+    monkeypatch.setitem(stages.KINDS, "rl", Unbuilt)

@@ -109,7 +109,9 @@ def test_colours_follow_each_stage_state_and_failures_show(tmp_path):
     assert 0.7 * box < pixels("resume") < 1.2 * box
 
 
-def test_fresh_store_is_all_run_or_blocked_and_no_failed_colour(tmp_path):
+def test_fresh_store_is_all_run_or_blocked_and_no_failed_colour(tmp_path, monkeypatch):
+    from tests.support.kinds import mark_rl_unbuilt
+    mark_rl_unbuilt(monkeypatch)   # every kind is built today: one marked unbuilt shows "blocked"
     lay = draw_dag(plan(tmp_path).steps, tmp_path / "dag.png")
     states = {b.state for b in lay.boxes.values()}
     assert states == {"run", "blocked"}

@@ -36,6 +36,8 @@ def edges() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {m: set() for m in mods}
     for m, path in mods.items():
         for name in imported(path):
+            if name == "forge_kernels" or name.startswith("forge_kernels."):
+                name = "kernels" + name[len("forge_kernels"):]   # kernels/ installs under that name
             while name and name not in mods:
                 name = name.rpartition(".")[0]
             if name and name != m and not m.startswith(name + "."):  # a package's __init__ is not a cycle
