@@ -42,5 +42,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/sft_loss.py
 	$(PY) benchmarks/curation_rules.py
 	$(PY) benchmarks/judge_throughput.py
+	$(PY) benchmarks/logprob_memory.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/rollout_throughput.py
+	$(PY) benchmarks/rl_signal.py
 
 .PHONY: install demo test bench

@@ -25,11 +25,21 @@ sys.path.insert(0, str(ROOT))
 from tests.support.helpers import forge, last_result  # noqa: E402
 
 
-def rl_math(store: Path, overrides: list[str]) -> dict:
+def rl_math(store: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
+    """The rl-math stage's artifact and its per-step metrics."""
     forge("run", "pipeline=granite-4.1-tiny", *overrides, "--only", "rl-math", store=store,
           timeout=3600)
-    rec = last_result(store)["stages"]["rl-math"]
-    return json.loads((Path(rec["out_dir"]) / "artifact.json").read_text())
+    out = Path(last_result(store)["stages"]["rl-math"]["out_dir"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "artifact.json").read_text()), steps
+
+
+def time_split(steps: list[dict]) -> str:
+    """Mean seconds per step: generation (+ rewards), training, weight sync; and their shares."""
+    parts = {k: sum(r.get(f"time/{k}_s", 0.0) for r in steps) / len(steps)
+             for k in ("generate", "train", "weight_sync")}
+    total = sum(parts.values()) or 1.0
+    return ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
 
 
 def main() -> int:
@@ -43,10 +53,10 @@ def main() -> int:
     print(f"store {store}")
     print(f"{'run':<10} {'seed':>6} {'held-out reward before':>24} {'after':>16} "
           f"{'rise / se':>10} {'prompts':>8}")
-    ok = True
+    ok, splits = True, []
     for seed in args.seeds:
         for name, extra in (("rl-math", []), ("control", ["stages.rl-math.reward_shuffle_control=true"])):
-            art = rl_math(store, [f"stages.rl-math.seed={seed}", *extra])
+            art, steps = rl_math(store, [f"stages.rl-math.seed={seed}", *extra])
             m = art["metrics"]
             b, a = m["heldout_reward_before"], m["heldout_reward_after"]
             se = (m["heldout_se_before"] ** 2 + m["heldout_se_after"] ** 2) ** 0.5
@@ -55,6 +65,10 @@ def main() -> int:
                   f"{a:>7.3f} +- {m['heldout_se_after']:.3f} {z:>10.1f} "
                   f"{int(m['heldout_prompts_after']):>8}")
             ok &= (z > 2) if name == "rl-math" else (z <= 2)
+            splits.append(f"{name} seed {seed}: {len(steps)} steps; per step {time_split(steps)}")
+    print("time split (generate includes the rewards):")
+    for line in splits:
+        print(f"  {line}")
     print("goal: rl-math rises beyond 2 standard errors, the control does not:",
           "met" if ok else "NOT met")
     return 0 if ok else 1

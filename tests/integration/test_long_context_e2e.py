@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import (LONG_CONTEXT, POST_TRAINING, SMALL, SMALL_LONG_CONTEXT,
-                                   SMALL_POST_TRAINING, executed, forge, last_result)
+from tests.support.helpers import (LONG_CONTEXT, POST_TRAINING, RL, SMALL, SMALL_LONG_CONTEXT,
+                                   SMALL_POST_TRAINING, SMALL_RL, executed, forge, last_result)
 
 pytestmark = pytest.mark.slow
 STEPS = [f"{kind}-{i}" for i in (1, 2, 3) for kind in ("extend", "eval-extend", "merge", "eval-merge")]
@@ -162,3 +162,39 @@ def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
                           else store_dir(store, stage), ids[0].tolist())
         diff, scale = (hf - mc).abs().max().item(), hf.abs().max().item()
         assert diff <= 3e-6 * scale, (stage, diff, scale)
+
+
+def test_rl_stages_chain_after_sft_with_their_numbers_in_mlflow(chain):
+    """rl-math -> rl-code (the sandbox) -> rl-if -> rl-chat (the judge: merge-3 served), each from
+    the one before, through the flow; per-step metrics and rollout tables on each stage's run."""
+    import subprocess
+
+    from mlflow import MlflowClient
+    store = chain[0]
+    small = [*SMALL, *SMALL_LONG_CONTEXT, *SMALL_POST_TRAINING, *SMALL_RL]
+    forge("run", *small, "--only", RL, store=store, timeout=900)
+    result = last_result(store)
+    stages = ("rl-math", "rl-code", "rl-if", "rl-chat")
+    assert {"rl-math", "rl-code", "rl-if", "rl-chat"} <= executed(result)
+    for stage, parent in zip(stages, ("sft", *stages)):
+        art = artifact(result, stage)
+        assert art["kind"] == "rl" and art["extra"]["parent"] == parent, stage
+        assert 0.0 <= art["metrics"]["heldout_reward_after"] <= 1.0, stage
+        assert art["metrics"]["heldout_prompts_after"] == 8, stage
+    code = Path(result["stages"]["rl-code"]["out_dir"]) / "report" / "heldout_before.jsonl"
+    reasons = [json.loads(line)["reason"] for line in code.read_text().splitlines()]
+    assert len(reasons) == 8 and all(r for r in reasons)   # every score says why (sandbox runs)
+    chat = (Path(result["stages"]["rl-chat"]["out_dir"]) / "worker.log").read_text()
+    assert "judge merge-3 served at http://127.0.0.1:" in chat
+    left = subprocess.run(["pgrep", "-f", "transformers serve"], capture_output=True, text=True)
+    assert left.stdout == "", "the judge's server outlived rl-chat"
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("granite-forge")
+    runs = {r.data.tags["forge.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result['parent_run']}'")}
+    run = runs["rl-math"].info.run_id
+    for key in ("reward/mean", "clip_fraction/high", "dynamic_sampling/dropped_fraction",
+                "time/generate_s"):
+        assert [m.step for m in client.get_metric_history(run, key)] == [1, 2], key
+    tables = {a.path for a in client.list_artifacts(run, "report/rollouts")}
+    assert "report/rollouts/step_000001.jsonl" in tables

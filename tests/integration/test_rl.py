@@ -117,19 +117,22 @@ def test_sigkill_mid_rl_then_rerun_is_bit_identical(parent, prompts, tmp_path):
 
 
 def test_one_step_is_the_same_for_dp1_dp2_and_micro_batches(parent, prompts, tmp_path):
-    """The same rollouts (seeds per prompt), so the same token-mean loss and gradient norm."""
+    """The same rollouts (seeds per prompt), so the same token-mean loss and gradient norm: a
+    minibatch of 12 sequences in one forward pass, in micro-batches of 1 and of 4, and split over
+    two data-parallel ranks (loss and gradient norm within 1e-5 relative, weights within 1e-6)."""
     config = rl_config(prompts, steps=1, checkpoint_interval=0, prompts={
         **rl_config(prompts)["prompts"], "heldout": 1})
     runs = {}
     for name, over, cluster, nproc in (("dp1", {}, {}, 1),
                                        ("dp1-mbs1", {"micro_batch_size": 1}, {}, 1),
+                                       ("dp1-mbs4", {"micro_batch_size": 4}, {}, 1),
                                        ("dp2", {}, {"data_parallel": 2}, 2)):
         out = tmp_path / name
         run_spec(write_spec(out, parent, {**config, **over}, cluster), nproc=nproc)
         runs[name] = metric_rows(out)[0]
     ref = runs["dp1"]
     assert "loss" in ref, "the step trained nothing"
-    for name in ("dp1-mbs1", "dp2"):
+    for name in ("dp1-mbs1", "dp1-mbs4", "dp2"):
         assert runs[name]["reward/mean"] == ref["reward/mean"], name   # the same rollouts
         assert runs[name]["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), name
         assert runs[name]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), name

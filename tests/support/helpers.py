@@ -86,6 +86,12 @@ SMALL = [
 # Curation, SFT and the chat evaluations after the chain, small: a judge served over merge-3 for a
 # few dozen conversations, one epoch of SFT.
 POST_TRAINING = "eval-chat-.*"
+RL = "rl-chat"   # with its ancestors: rl-math, rl-code, rl-if
+SMALL_RL = [override for stage in ("rl-math", "rl-code", "rl-if", "rl-chat") for override in (
+    f"stages.{stage}.steps=2", f"stages.{stage}.prompts_per_step=4", f"stages.{stage}.group_size=4",
+    f"stages.{stage}.prompts.prompts=60", f"stages.{stage}.prompts.heldout=8",
+    f"stages.{stage}.max_new_tokens=12", f"stages.{stage}.overlong_buffer=3",
+    f"stages.{stage}.max_extra_rounds=1")] + ["stages.rl-chat.judge.max_tokens=4"]
 SMALL_POST_TRAINING = [
     "stages.curate.sources.chat.samples=60", "stages.curate.eval_prompts.count=8",
     "stages.curate.shards=1", "stages.curate.judge.max_tokens=4", "stages.sft.epochs=1",
