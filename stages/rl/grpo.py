@@ -191,6 +191,12 @@ class Rl(TrainingKind):
         return config.from_
 
     @classmethod
+    def datasets_read(cls, config: RlConfig, artifact: Artifact,
+                      upstream: dict[str, Artifact]) -> list[dict]:
+        """The prompt sets it trained on and held out (written beside its checkpoints)."""
+        return [dict(d, stage=artifact.stage) for d in artifact.datasets]
+
+    @classmethod
     def run(cls, config: RlConfig, inputs: dict[str, StageInput], out_dir: Path,
             ctx: RunContext) -> Artifact:
         from stages.rl.loop import train_rl  # heavy: torch + megatron

@@ -224,8 +224,26 @@ def _run(config, inputs, out_dir: Path, ctx: RunContext, env, t_start: float,
                         f"({time.time() - t0:.1f}s)")
     finally:
         engine.close()
+    datasets = write_prompt_sets(out_dir, {"train": train_rows, "heldout": heldout_rows}) \
+        if env.rank == 0 else []
     return _artifact(config, ctx, out_dir, parent, state, before, after, times, spec, env,
-                     final, prompt_digest(train_rows), prompt_digest(heldout_rows), kind)
+                     final, prompt_digest(train_rows), prompt_digest(heldout_rows), kind, datasets)
+
+
+def write_prompt_sets(out_dir: Path, sets: dict[str, list[dict]]) -> list[dict]:
+    """The prompts trained on and held out, as JSON Lines: the stage's dataset inputs in MLflow."""
+    from stages.base import file_digest
+    folder = out_dir / "prompts"
+    folder.mkdir(exist_ok=True)
+    out = []
+    for split, rows in sets.items():
+        path = folder / f"{split}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp.replace(path)
+        out.append({"name": "prompts", "split": split, "rows": len(rows), "path": str(path),
+                    "digest": file_digest(path)})
+    return out
 
 
 def _fmt(r: dict) -> str:
@@ -238,7 +256,8 @@ def _save(out_dir, model, optimizer, state, config, env, stage, loop_state) -> P
 
 
 def _artifact(config, ctx, out_dir: Path, parent: StageInput, state, before, after, times, spec,
-              env, final: Path, train_digest: str, heldout_digest: str, kind: str) -> Artifact:
+              env, final: Path, train_digest: str, heldout_digest: str, kind: str,
+              datasets: list[dict]) -> Artifact:
     metrics = {"steps": float(config.steps), "optimizer_steps": float(state.optimizer_steps),
                "response_tokens": float(state.tokens_phase), **{
                    f"time_{k}_s": v for k, v in times.items()}}
@@ -264,4 +283,4 @@ def _artifact(config, ctx, out_dir: Path, parent: StageInput, state, before, aft
     if env.rank == 0:
         (out_dir / "rl_summary.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return Artifact(kind="rl", stage=ctx.stage, key=ctx.key, outputs=outputs, metrics=metrics,
-                    extra=extra)
+                    datasets=datasets, extra=extra)

@@ -198,3 +198,5 @@ def test_rl_stages_chain_after_sft_with_their_numbers_in_mlflow(chain):
         assert [m.step for m in client.get_metric_history(run, key)] == [1, 2], key
     tables = {a.path for a in client.list_artifacts(run, "report/rollouts")}
     assert "report/rollouts/step_000001.jsonl" in tables
+    inputs = {d.dataset.name for d in runs["rl-math"].inputs.dataset_inputs}
+    assert inputs == {"rl-math/prompts", "rl-math/prompts (heldout)"}

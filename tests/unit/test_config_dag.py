@@ -45,6 +45,19 @@ def test_identity_fields_are_pinned():
     assert identity_field_paths(TrainTokenizerConfig) == ["data", "vocab_size", "max_documents",
                                                           "min_frequency", "chat_roles"]
     assert identity_field_paths(TokenizeConfig) == ["data", "tokenizer"]
+    from stages.rl.grpo import RlConfig
+    prompts = ["generator", "prompts", "operands", "builder", "data_files", "split",
+               "prompt_field", "answer_field", "extra_fields", "heldout"]
+    judge = ["serve", "model", "rubric.question", "rubric.min_score", "rubric.max_score",
+             "rubric.threshold", "structured_output", "on_unparsable", "max_tokens", "temperature"]
+    assert identity_field_paths(RlConfig) == (
+        ["from_", "task"] + [f"prompts.{f}" for f in prompts] + ["steps"]
+        + [f"schedule.{f}" for f in schedule] + [f"judge.{f}" for f in judge]
+        + ["group_size", "prompts_per_step", "updates_per_batch", "advantage", "eps_low",
+           "eps_high", "dual_clip", "is_cap", "kl_coef", "dynamic_sampling", "max_extra_rounds",
+           "max_new_tokens", "overlong_buffer", "overlong_filter", "temperature", "top_p",
+           "engine", "reward_shuffle_control", "precision.dtype", "precision.fp8",
+           "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "seed"])
 
 
 def keys(dag):
@@ -66,7 +79,9 @@ def test_identity_change_in_phase3_changes_phase3_and_descendants_only():
                                       "stages.pretrain-3.checkpoint_interval=7",
                                       "stages.pretrain-3.keep_checkpoints=5",
                                       "stages.tokenize.workers=2", "cluster=cpu-tp2",
-                                      "tracking=server"])
+                                      "tracking=server", "stages.rl-math.sample_interval=3",
+                                      "stages.rl-math.reward_workers=4",
+                                      "stages.rl-math.micro_batch_size=8"])
 def test_non_identity_fields_change_no_key(override):
     assert keys(dag_for(override)) == keys(dag_for())
 
