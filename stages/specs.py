@@ -96,3 +96,18 @@ def spec_of_artifact(inp) -> ModelSpec:
     """The ``ModelSpec`` a finished model stage recorded in its artifact (``extra.model``)."""
     from stages.schema import from_dict
     return from_dict(ModelSpec, inp.artifact.extra["model"], f"stage {inp.name}: artifact.extra.model")
+
+
+def check_source_choice(spec, embedded: str, made: str, builders: str = "json, parquet") -> None:
+    """What every data source (prepare_data's, curate's chats, RL prompts) checks alike: exactly
+    one of ``generator`` (the embedded ``embedded``) and ``builder`` (a datasets builder of
+    ``builders`` or a hub id, with ``data_files``); ``made``: what a generator makes."""
+    if (spec.generator is None) == (spec.builder is None):
+        raise ConfigError(f"give exactly one of `generator` ({embedded}) or `builder` "
+                          "(a datasets builder with data_files)")
+    if spec.builder is not None and not spec.builder.strip():
+        raise ConfigError(f"builder: is empty; name a datasets builder ({builders}) or a hub "
+                          "dataset (org/name)")
+    if spec.generator is not None and spec.data_files:
+        raise ConfigError(f"data_files: are read by a `builder`; a generator makes its own "
+                          f"{made} (drop data_files, or use builder: json/parquet)")

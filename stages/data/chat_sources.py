@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from stages.schema import ConfigError, configclass, param
+from stages.specs import check_source_choice
 
 # Why a row is not a conversation, in the order normalise() checks them.
 MALFORMED_JSON = "malformed_json"          # a JSON Lines line that is not a JSON object
@@ -63,15 +64,7 @@ class ChatSourceSpec:
                      "has one (None: no math check for this source)")
 
     def __post_init__(self) -> None:
-        if (self.generator is None) == (self.builder is None):
-            raise ConfigError("give exactly one of `generator` (embedded chat corpus) or `builder` "
-                              "(a datasets builder with data_files)")
-        if self.builder is not None and not self.builder.strip():
-            raise ConfigError("builder: is empty; name a datasets builder (json, parquet) or a hub "
-                              "dataset (org/name)")
-        if self.generator is not None and self.data_files:
-            raise ConfigError("data_files: are read by a `builder`; a generator makes its own "
-                              "samples (drop data_files, or use builder: json/parquet)")
+        check_source_choice(self, "embedded chat corpus", "samples")
         if not self.messages_field:
             raise ConfigError("messages_field: is empty; name the column holding the messages")
         if self.system_field is not None and self.system_field == self.messages_field:

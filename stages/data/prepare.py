@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
 from stages.schema import ConfigError, configclass, param
+from stages.specs import check_source_choice
 
 GENERATORS = ("web", "code", "math", "technical", "chat", "long", "repo", "recall")
 PROMPTED_GENERATORS = ("recall",)  # their documents are {"prompt", "text"}: loss on the text only
@@ -41,15 +42,7 @@ class SourceSpec:
               "(completion-only loss: instruction data, retrieval drills); generators set it")
 
     def __post_init__(self) -> None:
-        if (self.generator is None) == (self.builder is None):
-            raise ConfigError("give exactly one of `generator` (embedded corpus) or `builder` "
-                              "(a datasets builder with data_files)")
-        if self.builder is not None and not self.builder.strip():
-            raise ConfigError("builder: is empty; name a datasets builder (json, parquet, text) "
-                              "or a hub dataset (org/name)")
-        if self.generator is not None and self.data_files:
-            raise ConfigError("data_files: are read by a `builder`; a generator makes its own "
-                              "documents (drop data_files, or use builder: json/parquet)")
+        check_source_choice(self, "embedded corpus", "documents", "json, parquet, text")
         if self.generator is not None and self.prompt_field is not None:
             raise ConfigError("prompt_field: is for `builder` sources; a generator knows its "
                               "columns (drop prompt_field)")

@@ -36,6 +36,7 @@ from typing import Literal, Sequence
 
 from stages.rl.tiny_tasks import ARITHMETIC_OPERANDS
 from stages.schema import ConfigError, configclass, param
+from stages.specs import check_source_choice
 
 @configclass
 class PromptSource:
@@ -58,15 +59,7 @@ class PromptSource:
     heldout: int = param(200, "prompts held out (never trained on) for the held-out reward", ge=0)
 
     def __post_init__(self) -> None:
-        if (self.generator is None) == (self.builder is None):
-            raise ConfigError("give exactly one of `generator` (embedded tiny tasks) or `builder` "
-                              "(a datasets builder with data_files)")
-        if self.builder is not None and not self.builder.strip():
-            raise ConfigError("builder: is empty; name a datasets builder (json, parquet) or a hub "
-                              "dataset (org/name)")
-        if self.generator is not None and self.data_files:
-            raise ConfigError("data_files: are read by a `builder`; a generator makes its own "
-                              "prompts (drop data_files, or use builder: json/parquet)")
+        check_source_choice(self, "embedded tiny tasks", "prompts")
         if not self.prompt_field:
             raise ConfigError("prompt_field: is empty; name the column holding the prompt")
         if self.answer_field is not None and self.answer_field == self.prompt_field:
