@@ -139,8 +139,9 @@ def update(net, model, ddp, optimizer, batch: RolloutBatch, spec, config, env: E
            ref=None) -> dict[str, float]:
     """``config.updates_per_batch`` AdamW steps on ``batch``; the step's training statistics."""
     weight_of = lambda m: output_weight(m, spec.vocab_size)  # noqa: E731
-    plan = [dp_slice(m, env) for m in minibatches(len(batch), config.updates_per_batch)]
-    totals = [batch.response_tokens(m) for m in minibatches(len(batch), config.updates_per_batch)]
+    parts = minibatches(len(batch), config.updates_per_batch)
+    plan = [dp_slice(m, env) for m in parts]            # this rank's share of each minibatch
+    totals = [batch.response_tokens(m) for m in parts]  # each minibatch's loss tokens, all ranks
     old = [response_logprobs(net, model, batch, mine, spec, config, env.device) if mine else None
            for mine in plan]  # the weights that generated the batch, before its first update
     refs = [response_logprobs(ref, ref, batch, mine, spec, config, env.device) if mine and ref
