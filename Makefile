@@ -28,10 +28,16 @@ SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends bubblewrap
 
+# A real single-node Slurm (slurmctld, slurmd, munge), from the distribution: the tests start it
+# on this machine (tests/support/slurm_cluster.py) and submit real batch jobs to it
+/usr/sbin/slurmctld:
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends slurm-wlm munge
+
 demo: $(STAMP) /usr/bin/bwrap
 	$(VENV)/bin/forge run pipeline=granite-4.1-tiny $(if $(ONLY),--only '$(ONLY)')
 
-test: $(STAMP) /usr/bin/chromedriver /usr/bin/bwrap
+test: $(STAMP) /usr/bin/chromedriver /usr/bin/bwrap /usr/sbin/slurmctld
 	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
@@ -45,5 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/logprob_memory.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/rollout_throughput.py
 	$(PY) benchmarks/rl_signal.py
+	$(PY) benchmarks/tokenize_scale.py
+	$(PY) benchmarks/checkpoint_manifest.py
 
 .PHONY: install demo test bench

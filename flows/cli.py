@@ -5,8 +5,10 @@
     forge run -m stages.pretrain-4.schedule.lr=5e-4,1e-3     # sweep; shared stages run once
     forge status
     forge deploy pipeline=granite-4.1-tiny --cron '0 2 * * *'   # nightly, served by Prefect
+    forge deploy pipeline=granite-4.1-tiny --cron '0 2 * * *' --work-pool forge-cpu   # run by workers
     forge runs                      # runs, newest first, with the state of their stages
     forge resume 20261129-171300-4242
+    forge cancel 20261129-171300-4242      # its orchestrator and Slurm jobs; resume continues
     forge lineage pretrain-4
     forge export sft --format hf --out ./granite-sft   # a Hugging Face folder of a model stage
 """
@@ -64,18 +66,31 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="which stages are complete, unfinished or never run")
     status.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
-    dep = sub.add_parser("deploy", help="serve a pipeline on a schedule (a Prefect deployment)",
-                         description="Validate the pipeline, register a Prefect deployment that "
-                         "runs `forge run OVERRIDES --only REGEX` on the schedule, and serve it from "
-                         "this process until Ctrl-C. Needs a Prefect server (PREFECT_API_URL). "
-                         "Trigger a run now with `prefect deployment run forge-scheduled/NAME`.",
-                         epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    dep = sub.add_parser(
+        "deploy", help="run a pipeline on a schedule (a Prefect deployment, served here or by "
+        "the workers of a work pool)",
+        description="Validate the pipeline and register a Prefect deployment forge-scheduled/NAME\n"
+        "that runs `forge run OVERRIDES --only REGEX` on the schedule. Needs a Prefect server\n"
+        "(PREFECT_API_URL). Two modes:\n"
+        "  without --work-pool: serve the deployment from this process until Ctrl-C;\n"
+        "  --work-pool POOL:    register it on the Prefect process work pool POOL (created if\n"
+        "                       missing) and return; on each machine that runs pipelines (this\n"
+        "                       project installed at the same path, the store at the same path,\n"
+        "                       PREFECT_API_URL set) start a worker, from the project's venv:\n"
+        "                         prefect worker start --pool POOL --type process\n"
+        "                       The store is pinned as an absolute path (store=...) in the\n"
+        "                       deployment's overrides.\n"
+        "Trigger a run now with `prefect deployment run forge-scheduled/NAME`.",
+        epilog=_choices(), formatter_class=argparse.RawDescriptionHelpFormatter)
     dep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     dep.add_argument("--only", metavar="REGEX", help="as for run")
     dep.add_argument("--cron", help="cron expression, e.g. '0 2 * * *' (02:00 every day)")
     dep.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead")
     dep.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     dep.add_argument("--paused", action="store_true", help="register with the schedule paused")
+    dep.add_argument("--work-pool", metavar="POOL",
+                     help="register on this Prefect process work pool (created if missing) and "
+                          "return, instead of serving here; workers run the flow runs")
 
     runs = sub.add_parser("runs", help="list pipeline runs and the state of each stage (from the store)")
     runs.add_argument("run_id", nargs="?", metavar="RUN_ID", help="show this run's stages one by one")
@@ -88,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
                             "cached, unfinished ones resume from their newest checkpoint.")
     resume.add_argument("run_id", metavar="RUN_ID", help="from `forge runs` (a unique prefix will do)")
     resume.add_argument("--store", help="the store (default: $FORGE_STORE or ./forge-store)")
+
+    cancel = sub.add_parser("cancel", help="cancel a run: its orchestrator and its Slurm jobs",
+                            description="Stop RUN_ID: a live orchestrator gets SIGTERM (its workers "
+                            "checkpoint and stop, the run is recorded cancelled); without one, the "
+                            "run's live Slurm jobs are asked to checkpoint and end CANCELLED, and "
+                            "the run is recorded cancelled. `forge resume RUN_ID` continues it.")
+    cancel.add_argument("run_id", metavar="RUN_ID", help="from `forge runs` (a unique prefix will do)")
+    cancel.add_argument("--store", help="the store (default: $FORGE_STORE or ./forge-store)")
+    cancel.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                        help="how long to wait for the jobs to end (default 600)")
 
     lin = sub.add_parser("lineage", help="print a stage's chain back to its data, from MLflow")
     lin.add_argument("stage", help="stage name, e.g. pretrain-4")
@@ -228,18 +253,43 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from flows import runner
     from flows.compute_view import check_fits
     from flows.plan import check_runnable
-    from flows.schedule import check_schedule, require_server
+    from flows.schedule import check_pool_name, check_schedule, require_server
     check_schedule(args.cron, args.interval)
+    check_pool_name(args.work_pool)
     prep = runner.prepare(args.overrides, args.only)      # a bad config fails now, not at 02:00
     check_runnable(prep.steps)
     check_fits(prep.compute, prep.steps)
     require_server()
-    print(runner.plan_text(prep), flush=True)
     from flows.schedule import FLOW_NAME, serve
     when = f"cron '{args.cron}'" if args.cron else f"every {args.interval:g} s"
+    if args.work_pool is not None:
+        return _deploy_to_pool(args, prep, when)
+    print(runner.plan_text(prep), flush=True)
     print(f"\nserving deployment {FLOW_NAME}/{args.name} ({when}); Ctrl-C stops serving\n"
           f"  run it now:  prefect deployment run {FLOW_NAME}/{args.name}", flush=True)
     serve(args.name, args.overrides, args.only, args.cron, args.interval, args.paused)
+    return 0
+
+
+def _deploy_to_pool(args: argparse.Namespace, prep, when: str) -> int:
+    """`forge deploy --work-pool`: register on the pool with the store pinned; print the worker line."""
+    from flows import runner
+    from flows.schedule import FLOW_NAME, PROJECT_ROOT, deploy_to_pool, pin_store, worker_command
+    store = prep.dag.pipeline.store
+    overrides = pin_store(args.overrides, store)
+    pinned = runner.prepare(overrides, args.only)            # exactly what a worker composes
+    if pinned.dag.pipeline.store != store:
+        raise ConfigError(f"store: {str(store)!r} does not survive as an override (it composes "
+                          f"to {str(pinned.dag.pipeline.store)!r}); use a path of plain characters")
+    print(runner.plan_text(pinned), flush=True)
+    deploy_to_pool(args.name, args.work_pool, overrides, args.only, store, args.cron,
+                   args.interval, args.paused)
+    print(f"\ndeployment {FLOW_NAME}/{args.name} registered on work pool {args.work_pool!r} "
+          f"({when}{', paused' if args.paused else ''}); store {store}\n"
+          f"  on each worker machine (project at {PROJECT_ROOT}, "
+          f"the store at {store}, PREFECT_API_URL set):\n"
+          f"    {worker_command(args.work_pool)}\n"
+          f"  run it now:  prefect deployment run {FLOW_NAME}/{args.name}", flush=True)
     return 0
 
 
@@ -252,6 +302,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"runs in {runs.runs_dir(store)} (newest first):\n"
               + runs.format_runs(runs.list_runs(store), args.limit))
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from flows import runs
+    from flows.slurm import cancel_run
+    store = Path(args.store).resolve() if args.store else runs.default_store()
+    return cancel_run(runs.find_run(store, args.run_id), wait_s=args.wait)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -359,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "lineage": cmd_lineage,
                 "runs": cmd_runs, "resume": cmd_resume, "deploy": cmd_deploy,
                 "launch-command": cmd_launch_command, "ui": cmd_ui, "promote": cmd_promote,
-                "export": cmd_export}
+                "export": cmd_export, "cancel": cmd_cancel}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

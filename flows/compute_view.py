@@ -50,6 +50,12 @@ def format_compute(plans: dict[str, StagePlan]) -> str:
                  "training loop runs them, 8 + 8/(DP x CP) with dist-opt (Megatron's distributed "
                  "optimizer); activations per the stage's recompute (rc-full: layer inputs only, "
                  "FLOPs column without the rerun, hours with it); usable = 90% of the device")
+    piped = [p for p in plans.values() if p.layout.pp > 1]
+    if piped:
+        lines.append("  pipeline bubble (1F1B: (PP - 1) / (micro-batches + PP - 1) of each step idle, "
+                     "counted in the hours): " + ", ".join(
+                         f"{p.stage} {p.bubble:.0%} ({p.layout.micro_batches} micro-batches)"
+                         for p in piped))
     return "\n".join(lines)
 
 

@@ -1,14 +1,24 @@
 """Start a stage worker process, stream its output, and hold the stage's lock meanwhile.
 
 Training kinds start under ``torchrun`` (one process per rank, gloo on CPU); the others as plain
-``python -m stages.worker``. On Slurm or Kubernetes the local process is salloc or kubectl, which
-waits for the remote workers (``flows/launchers.py`` builds every command). The worker is its own
+``python -m stages.worker``. On Kubernetes the local process is kubectl, which waits for the
+remote workers (``flows/launchers.py`` builds every command); a Slurm stage is a batch job that
+``flows/slurm.py`` submits and follows (it outlives this process). The worker is its own
 process group (a session of its own), so the orchestrator survives a worker crash and a test can
-kill the worker; a SIGTERM or SIGINT to the orchestrator is passed on to it
-(``forward_stop_signals``). Output goes line by line to ``worker.log`` in the output dir and to the
-``log`` callback (Prefect's run logger).
+kill the worker. Output goes line by line to ``worker.log`` in the output dir and to the ``log``
+callback (Prefect's run logger).
 
-The stage ends when its launcher process (torchrun, python, salloc, kubectl) ends, not when the
+Signals: while it runs, a worker is registered in ``flows/live_workers.py`` (its process group,
+``LocalWorker``). A SIGTERM or SIGINT reaches the orchestrator's main thread only, and
+``forward_stop_signals`` (held by the flow for all its stages, or by ``run_worker`` itself when it
+is called alone from the main thread) passes it on to every live worker: the first asks each to
+checkpoint and exit, a second one a second or more later kills them. Meanwhile the stop is
+recorded (``stop_requested``): no new worker starts, a stage waiting on its lock stops waiting,
+and a worker that exits on the signal ends its stage with ``Stopping`` (128 + signal in
+failure.json) instead of a failure; once the workers have ended the signal gets the handling it
+had before (``forge run``: the run is recorded as cancelled; ``forge resume`` continues).
+
+The stage ends when its launcher process (torchrun, python, kubectl) ends, not when the
 output pipe closes: a launcher killed from outside can leave ranks behind (torchrun starts each in
 a session of its own) that hold the pipe open and wait forever for a rendezvous that is gone. Every
 process a worker starts carries ``FORGE_WORKER_TOKEN`` in its environment; what is left of them (and
@@ -32,10 +42,13 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from flows.launchers import check_available, prepare, settings_env, worker_command
+from flows.launchers import (StageFailed, check_available, prepare, settings_env, worker_command,
+                             worth_showing as _worth_showing)
+from flows.live_workers import kill_all, live, stop_all
 from stages.cluster import ParallelSpec
 
-__all__ = ["StageFailed", "run_worker", "stage_lock", "worker_command", "worker_env"]
+__all__ = ["StageFailed", "Stopping", "forward_stop_signals", "run_worker", "stage_lock",
+           "stop_requested", "worker_command", "worker_env"]
 
 # After the launcher ends, what is left of the worker gets this long to end on its own (ranks
 # exiting after torchrun was killed) before it is killed, and then its output this long to end.
@@ -45,13 +58,30 @@ TOKEN_VAR = "FORGE_WORKER_TOKEN"   # in the environment of every process of one 
 # A worker that an exception in this process leaves running gets SIGTERM (checkpoint and exit), then
 # SIGKILL this many seconds later (torchrun's own shutdown timeout).
 STOP_TIMEOUT_S = 30.0
+LOCK_POLL_S = 0.25   # a stage waiting on its lock looks this often whether a stop was asked for
 
 
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, code: int, tail: list[str], log_path: Path):
-        self.stage, self.code, self.tail, self.log_path = stage, code, tail, log_path
-        super().__init__(f"stage {stage} failed: worker exited with code {code}; last lines of "
-                         f"{log_path}:\n" + "\n".join("    " + t for t in tail))
+class Stopping(BaseException):
+    """A SIGINT or SIGTERM to the orchestrator ended this stage's attempt (its worker
+    checkpointed, or never started). A BaseException: Prefect records the task run as crashed and
+    never retries it; the flow ends the run as cancelled once every worker has ended."""
+
+    def __init__(self, signum: int, stage: str = ""):
+        self.signum = int(signum)
+        super().__init__(f"{stage + ': ' if stage else ''}stopped by "
+                         f"{signal.Signals(signum).name}")
+
+
+class _StopRequest:
+    """The first SIGINT/SIGTERM forwarded while ``forward_stop_signals`` is held (main thread),
+    read by the stage threads."""
+    signum: int | None = None
+    forwarding = False
+
+
+def stop_requested() -> int | None:
+    """The signal that asked the running stages to stop, or None."""
+    return _StopRequest.signum
 
 
 @contextlib.contextmanager
@@ -60,11 +90,18 @@ def stage_lock(store: Path, out_dir: Path, log: Callable[[str], None]) -> Iterat
     locks = store / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{out_dir.name}.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting: another forge run is working on {out_dir.name}")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        waiting = False
+        while True:   # polled, not blocking: a stop asked for meanwhile must end the wait
+            if (signum := stop_requested()) is not None:
+                raise Stopping(signum, out_dir.name)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log(f"waiting: another forge run is working on {out_dir.name}")
+                    waiting = True
+                time.sleep(LOCK_POLL_S)
         try:
             yield
         finally:
@@ -80,7 +117,18 @@ def worker_env(cluster: ParallelSpec) -> dict[str, str]:
 
 def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out_dir: Path,
                log: Callable[[str], None]) -> None:
-    """Run one stage worker to completion; raise StageFailed with the log tail on error."""
+    """Run one stage worker to completion; raise StageFailed with the log tail on error, Stopping
+    when a SIGINT/SIGTERM to this process stopped it (or came before it started)."""
+    if cluster.launcher == "slurm":   # a batch job that outlives this process (flows/slurm.py)
+        from flows import slurm
+        if (signum := stop_requested()) is not None:   # asked to stop: submit nothing new
+            raise Stopping(signum, stage)
+        with forward_stop_signals():
+            signum = slurm.run_job(stage, launcher, cluster, spec, out_dir, log,
+                                   worker_env(cluster), stop_requested)
+        if signum:   # the job checkpointed and ended on the signal
+            raise Stopping(signum, stage)
+        return
     check_available(cluster)  # no srun / kubectl here: stop before anything starts
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.json"
@@ -102,12 +150,16 @@ def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out
 
         token = uuid.uuid4().hex   # marks every process of this worker, wherever it moves
         env = dict(worker_env(cluster), **{TOKEN_VAR: token})
+        if (signum := stop_requested()) is not None:   # asked to stop: start nothing new
+            raise Stopping(signum, stage)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True, bufsize=1)
         assert proc.stdout is not None
         output = _Lines(proc.stdout)
         try:
-            with forward_stop_signals(proc, token):
+            with live(LocalWorker(stage, proc, token)) as worker, forward_stop_signals():
+                if (signum := stop_requested()) is not None:   # asked while it was starting
+                    worker.stop(signum)
                 code = _follow(proc, token, output, show)
         except BaseException:
             # this process is going away (an error here, or a signal outside the main thread):
@@ -115,7 +167,25 @@ def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out
             _stop_worker(proc, token, output, show)
             raise
     if code != 0:
+        if (signum := stop_requested()) is not None:   # it checkpointed and exited on the signal
+            raise Stopping(signum, stage)
         raise StageFailed(stage, code, list(tail), log_path)
+
+
+class LocalWorker:
+    """A worker started here (torchrun, python, kubectl): its process group, and every
+    process carrying its token (``flows/live_workers.LiveWorker``)."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, token: str):
+        self.name, self.proc, self.token = name, proc, token
+
+    def stop(self, signum: int) -> None:
+        if self.proc.returncode is None:   # not reaped: the group's id is still its own
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        _kill_worker(self.proc, self.token)
 
 
 class _Lines:
@@ -273,16 +343,19 @@ def _stop_worker(proc: subprocess.Popen, token: str, output: _Lines,
 
 
 @contextlib.contextmanager
-def forward_stop_signals(proc: subprocess.Popen, token: str | None = None) -> Iterator[None]:
-    """Pass a SIGTERM or SIGINT sent to this process on to the worker's process group.
+def forward_stop_signals() -> Iterator[None]:
+    """Pass a SIGTERM or SIGINT sent to this process on to every live worker while the block runs.
 
-    The worker runs in a session of its own, so without this a stopped orchestrator leaves it
-    training. The worker finishes its step, checkpoints and exits (stages/training/preemption.py);
-    its output is streamed meanwhile. Then the signal gets the handling it had before (Prefect's,
-    Python's KeyboardInterrupt, or the default: this process ends). Asked again (a second Ctrl-C,
-    a second SIGTERM, a second or more later), the worker is killed at once (every process carrying
-    ``token``, too): it resumes from its newest periodic checkpoint instead. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
+    Workers run in sessions of their own, so without this a stopped orchestrator leaves them
+    training. The first signal goes to each (``live_workers.stop_all``): it finishes its step,
+    checkpoints and exits (stages/training/preemption.py), its output streamed meanwhile, and the
+    stop is recorded (``stop_requested``) so that nothing new starts. Asked again (a second Ctrl-C,
+    a second SIGTERM) a second or more later, every worker is killed at once (``kill_all``): each
+    resumes from its newest periodic checkpoint instead. When the block ends (the flow has seen
+    every worker end) the signal gets the handling it had before: Prefect's, ``forge run``'s
+    (``Stopped``), Python's KeyboardInterrupt, or the default (this process ends).
+    Main thread only; held already (the flow holds it for all its stages), it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or _StopRequest.forwarding:
         yield
         return
     received: list[tuple[int, float]] = []
@@ -290,25 +363,24 @@ def forward_stop_signals(proc: subprocess.Popen, token: str | None = None) -> It
     def forward(signum, frame) -> None:
         again = bool(received) and time.monotonic() - received[0][1] > 1.0
         received.append((signum, time.monotonic()))
-        if again and token:
-            _kill_worker(proc, token)
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL if again else signum)
+        if _StopRequest.signum is None:
+            _StopRequest.signum = signum
+        if again:
+            kill_all()
+        else:
+            stop_all(signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     previous = {s: h for s, h in previous.items() if h is not None and h is not signal.SIG_IGN}
     for s in previous:
         signal.signal(s, forward)
+    _StopRequest.forwarding = True
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _StopRequest.forwarding = False
+        _StopRequest.signum = None
     if received:
         signal.raise_signal(received[0][0])
-
-
-def _worth_showing(line: str) -> bool:
-    """Progress and errors go to the console; library chatter stays in worker.log."""
-    return line.startswith("[") or "Error" in line or "error:" in line

@@ -1,16 +1,17 @@
 """The command that starts one stage worker, per launcher (``cluster.launcher``).
 
 - ``torchrun``: ``torchrun --standalone`` on this machine (training kinds), else plain Python.
-- ``slurm``: ``salloc`` takes the nodes and runs a short script on this (login) node: it reads the
-  first node's name with ``scontrol`` and starts one ``torchrun`` per node with ``srun``, all meeting
-  at that node (c10d rendezvous), inside the worker image when ``slurm.container_image`` is set.
-  salloc releases the nodes when the worker ends, and srun's output is the worker's output.
+- ``slurm``: a batch job (``sbatch``) whose script, written beside the spec, asks for the nodes in
+  ``#SBATCH`` lines, reads the first node's name with ``scontrol`` and starts one ``torchrun`` per
+  node with ``srun``, all meeting at that node (c10d rendezvous), inside the worker image when
+  ``slurm.container_image`` is set. The job outlives the orchestrator: ``flows/slurm.py`` submits,
+  follows, re-attaches, cancels and chains it (the local launchers go through flows/launch.py).
 - ``kubernetes``: an Indexed Job of the worker image (one pod per node, ``torchrun`` in each, static
   rendezvous on pod 0 through a headless Service), applied with ``kubectl``; the script follows pod
   0's log (rank 0 reports progress) and exits with the Job's verdict.
 
-The orchestrator runs each command as a subprocess and streams its output to ``worker.log``, so
-every launcher looks alike to ``flows/launch.py``. Single-process kinds (data, merge, evaluate) get
+The orchestrator runs each local command as a subprocess and streams its output to
+``worker.log``; a Slurm job's output file is tailed into it the same way. Single-process kinds (data, merge, evaluate) get
 one task (and one GPU on a cuda cluster). The spec file lives in the stage's output dir in the store,
 which the nodes must see at the same path (a shared file system, or the claim mounted there).
 ``launch_plan`` shows a command without running it; ``check_available`` stops a run, before any
@@ -34,6 +35,21 @@ WORKER = ["-m", "stages.worker"]
 TORCHRUN = ["-m", "torch.distributed.run"]
 MANIFEST = "k8s-job.json"   # written next to spec.json for the kubernetes launcher
 IMAGE_UID = 10001           # the worker image's user (Dockerfile); owns what pods write to the store
+
+
+class StageFailed(RuntimeError):
+    """A stage's worker (a local process, a Slurm job, a Kubernetes Job) ended without success;
+    ``tail``: the end of its output and the launcher's word, for failure.json."""
+
+    def __init__(self, stage: str, code: int, tail: list[str], log_path: Path):
+        self.stage, self.code, self.tail, self.log_path = stage, code, tail, log_path
+        super().__init__(f"stage {stage} failed: worker exited with code {code}; last lines of "
+                         f"{log_path}:\n" + "\n".join("    " + t for t in tail))
+
+
+def worth_showing(line: str) -> bool:
+    """Progress and errors of a worker go to the console; library chatter stays in worker.log."""
+    return line.startswith("[") or "Error" in line or "error:" in line
 
 
 def settings_env(cluster: Any) -> dict[str, str]:
@@ -67,6 +83,8 @@ def prepare(launcher: str, cluster: Any, spec_path: Path) -> None:
     if cluster.launcher == "kubernetes":
         manifest = kubernetes_manifest(launcher, cluster, spec_path)
         spec_path.with_name(MANIFEST).write_text(json.dumps(manifest, indent=2))
+    elif cluster.launcher == "slurm":
+        spec_path.with_name(SLURM_SCRIPT).write_text(slurm_script(launcher, cluster, spec_path))
 
 
 def _per_node(launcher: str, cluster: Any) -> tuple[int, int, int]:
@@ -77,16 +95,33 @@ def _per_node(launcher: str, cluster: Any) -> tuple[int, int, int]:
 
 # --- Slurm -----------------------------------------------------------------------------------
 
-def slurm_command(launcher: str, cluster: Any, spec_path: Path) -> list[str]:
+SLURM_SCRIPT = "slurm-job.sh"   # written next to spec.json; `sbatch` submits it (flows/slurm.py)
+SLURM_CLIENTS = ("sbatch", "squeue", "scontrol", "scancel")
+# The line the job's deadline watch prints when it stops the worker before the time limit, and the
+# file forge leaves beside the job's output when it stops the job (`forge cancel`, Ctrl-C).
+DEADLINE_MARK = "[forge] time limit near"
+CANCEL_SUFFIX = ".cancel"
+
+
+def slurm_output(out_dir: Path, job_id: str = "%j") -> Path:
+    """The job's output file (``%j``: sbatch fills in the job id)."""
+    return Path(out_dir) / f"slurm-{job_id}.out"
+
+
+def slurm_script(launcher: str, cluster: Any, spec_path: Path) -> str:
+    """The batch script of one stage: its allocation as ``#SBATCH`` lines, the worker's settings,
+    a deadline watch, then ``srun`` of the worker (one ``torchrun`` per node for training)."""
     s = cluster.slurm
+    out_dir = spec_path.parent
     nodes, procs, gpus = _per_node(launcher, cluster)
     cpus = procs * cluster.threads_per_worker
-    alloc = ["salloc", f"--job-name=forge-{spec_path.parent.name}", f"--nodes={nodes}",
-             "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
-    alloc += [f"--gpus-per-node={gpus}"] if gpus else []
-    alloc += [f"--{flag}={value}" for flag, value in
-              (("partition", s.partition), ("account", s.account), ("time", s.time)) if value]
-    # srun does not inherit --cpus-per-task from salloc (Slurm >= 22.05): repeat it
+    opts = [f"--job-name=forge-{out_dir.name}", f"--output={slurm_output(out_dir)}",
+            f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
+    opts += [f"--gpus-per-node={gpus}"] if gpus else []
+    opts += [f"--{flag}={value}" for flag, value in
+             (("partition", s.partition), ("account", s.account), ("time", s.time)) if value]
+    opts += list(s.extra_args)
+    # srun does not inherit --cpus-per-task from the allocation (Slurm >= 22.05): repeat it
     step = ["srun", "--kill-on-bad-exit=1", f"--nodes={nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={cpus}"]
     if s.container_image:
@@ -94,18 +129,59 @@ def slurm_command(launcher: str, cluster: Any, spec_path: Path) -> list[str]:
         step += [f"--container-mounts={','.join(s.container_mounts)}"] if s.container_mounts else []
     worker = [*WORKER, str(spec_path)]
     if launcher != "torchrun":
-        script = "exec " + shlex.join([*step, s.python, *worker])
+        run = shlex.join([*step, s.python, *worker])
     elif nodes == 1:  # --standalone picks a free port: two stages may share a node
-        script = "exec " + shlex.join([*step, s.python, *TORCHRUN, "--standalone",
-                                       f"--nproc_per_node={procs}", "--max_restarts=0", *worker])
+        run = shlex.join([*step, s.python, *TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
+                          "--max_restarts=0", *worker])
     else:
-        # $head and $SLURM_JOB_ID expand on this node, in the allocation's shell
-        script = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-                  "exec " + shlex.join([*step, s.python, *TORCHRUN, f"--nnodes={nodes}",
-                                        f"--nproc_per_node={procs}", "--rdzv_backend=c10d"])
-                  + f' --rdzv_endpoint="$head:{s.rdzv_port}" --rdzv_id="$SLURM_JOB_ID" '
-                  + shlex.join(["--max_restarts=0", *worker]))
-    return [*alloc, *s.extra_args, "bash", "-c", script]
+        # $head and $SLURM_JOB_ID expand on the job's first node, in the batch shell
+        run = ('head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+               + shlex.join([*step, s.python, *TORCHRUN, f"--nnodes={nodes}",
+                             f"--nproc_per_node={procs}", "--rdzv_backend=c10d"])
+               + f' --rdzv_endpoint="$head:{s.rdzv_port}" --rdzv_id="$SLURM_JOB_ID" '
+               + shlex.join(["--max_restarts=0", *worker]))
+    env = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in settings_env(cluster).items())
+    header = "\n".join(f"#SBATCH {shlex.quote(o)}" for o in opts)
+    return f"""#!/bin/bash
+{header}
+# forge's batch job of stage {out_dir.name}: flows/slurm.py submits it, follows it and chains the
+# next job when this one stops at its time limit (the worker checkpoints first).
+out={shlex.quote(str(out_dir))}
+lead={s.signal_lead_s}
+{env}
+# Deadline watch: SIGTERM to the worker's steps $lead s before the job's end time (read again after
+# each wait: the limit may be changed); the worker finishes its step, checkpoints and exits.
+forge_deadline() {{
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM   # the sleep too: it holds the output open
+  while :; do
+    if end=$(date -d "$(squeue -h -j "$SLURM_JOB_ID" -o %e)" +%s 2>/dev/null); then
+      left=$(( end - lead - $(date +%s) ))
+      if [ "$left" -le 0 ]; then
+        echo "{DEADLINE_MARK}: Slurm job $SLURM_JOB_ID ends at $(date -d "@$end" +%T); SIGTERM to the worker"
+        scancel --signal=TERM "$SLURM_JOB_ID"
+        return
+      fi
+    else
+      left=60   # no end time (no limit): look again later
+    fi
+    sleep $(( left < 60 ? left : 60 )) & nap=$!
+    wait "$nap"
+  done
+}}
+forge_deadline &
+watch=$!
+{run}
+code=$?
+kill "$watch" 2>/dev/null
+# forge stopped the worker (it has checkpointed): end the job as CANCELLED, not FAILED
+if [ -e "$out/slurm-$SLURM_JOB_ID{CANCEL_SUFFIX}" ]; then scancel "$SLURM_JOB_ID"; sleep 5; fi
+exit "$code"
+"""
+
+
+def slurm_command(launcher: str, cluster: Any, spec_path: Path) -> list[str]:
+    """What submits the stage: ``sbatch --parsable`` of its script (``prepare`` writes it)."""
+    return ["sbatch", "--parsable", str(spec_path.with_name(SLURM_SCRIPT))]
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
@@ -211,7 +287,7 @@ def check_available(cluster: Any) -> None:
                               f"{cluster.world_size}); use cluster=slurm or cluster=k8s, or a "
                               "smaller layout")
     elif cluster.launcher == "slurm":
-        missing = [tool for tool in ("salloc", "srun", "scontrol") if shutil.which(tool) is None]
+        missing = [tool for tool in SLURM_CLIENTS if shutil.which(tool) is None]
         if missing:
             raise ConfigError(f"cluster.launcher: slurm needs {', '.join(missing)} on PATH; run "
                               f"forge on a Slurm login node ({see})")
@@ -236,6 +312,9 @@ def check_available(cluster: Any) -> None:
 def launch_plan(cluster: Any, spec_path: Path, launcher: str = "torchrun") -> str:
     """The command (and, for Kubernetes, the manifest) a stage would start with, as text."""
     command = worker_command(launcher, cluster, spec_path)
+    if cluster.launcher == "slurm":
+        return (f"# {shlex.join(command)}\n# {spec_path.with_name(SLURM_SCRIPT)}:\n"
+                + slurm_script(launcher, cluster, spec_path))
     if cluster.launcher != "kubernetes":
         return shlex.join(command)
     import yaml  # the orchestrator's (through omegaconf)

@@ -1,16 +1,27 @@
 """The Prefect flow: one task per stage, cached by the stage's key across runs.
 
 With flows/schedule.py (the served deployment), the only module that imports Prefect. The flow
-body reads as plain Python: plan, then for each stage either record it as cached or run its task
-(retried per the stage's ``retry:``; a retry resumes from the failed attempt's checkpoints). The task takes the stage's lock, re-checks
-``artifact.json`` (the truth; Prefect's cache is only a fast path above it), launches the worker,
-streams its log, and records the stage in MLflow. Task results are small records, never tensors.
+body reads as plain Python: plan, then start every stage whose parents are complete as a task run
+of its own (``run_stage.submit`` on a thread pool), up to the cluster's limits of stages and
+devices at once (``flows/scheduler.py`` decides; one at a time by default), each retried per the
+stage's ``retry:`` (a retry resumes from the failed attempt's checkpoints). The task takes the
+stage's lock, re-checks ``artifact.json`` (the truth; Prefect's cache is only a fast path above
+it), launches the worker, streams its log, and records the stage in MLflow. Task results are small
+records (with the stage's start and end time), never tensors; the flow's result lists them in plan
+order, so a parallel run's result reads like a serial one's.
+
+After a failure no new stage starts; those running finish, then the run fails with the first
+failure. A SIGINT/SIGTERM reaches the flow's main thread, which passes it on to every running
+worker (``flows/launch.forward_stop_signals``); once all have checkpointed and exited the run ends
+cancelled, and ``forge resume`` continues each of them.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -20,10 +31,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dag import Dag, Node
 from flows.failures import clear_failure, write_failure
-from flows.launch import StageFailed, run_worker, stage_lock
+from flows.launch import StageFailed, forward_stop_signals, run_worker, stage_lock, stop_requested
+from flows.live_workers import stop_all
+from flows.scheduler import Schedule, next_to_start, schedule_for, why_not_run
 from flows.tracking.lineage import MetricsTail
 from flows.tracking.sync import (connect, guarded, needs_tracking, note_recorded, noted_run,
                                  sync_pipeline)
@@ -36,6 +50,8 @@ from stages.schema import to_dict
 
 # run file -> (its spec, DAG, plan): a run builds its DAG and plan once, for the flow and every task
 _RUNS: dict[str, tuple[dict, Dag, list[Step]]] = {}
+# stage threads connect to MLflow at once: one of them opens the client (lineage_for caches it)
+_CONNECT = threading.Lock()
 
 
 def remember_run(run_file: str, spec: dict, dag: Dag, steps: list[Step]) -> None:
@@ -98,7 +114,8 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
         clear_failure(node.out_dir)  # this attempt replaces the last one
         cluster, spec = worker_spec(dag, node)
         warn = logger.warning
-        lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
+        with _CONNECT:
+            lineage = connect(dag.pipeline.tracking_uri, dag.pipeline.tracking.experiment, warn)
         mlflow_run = lineage and guarded(warn, f"opening {stage}'s run", lineage.start_stage,
                                          parent_run, dag.pipeline.name, node, config, parent_keys)
         logger.info(f"{stage}: starting {node.kind} worker in {node.out_dir} (MLflow run {mlflow_run})")
@@ -126,9 +143,10 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
             parent_keys, upstream) is not None
         if recorded:
             note_recorded(node, dag.pipeline.tracking_uri, mlflow_run)
-        logger.info(f"{stage}: done in {time.time() - started:.1f}s -> {node.out_dir}")
-        return record(node, executed=True, mlflow_run=mlflow_run, seconds=time.time() - started,
-                      recorded=recorded)
+        ended = time.time()
+        logger.info(f"{stage}: done in {ended - started:.1f}s -> {node.out_dir}")
+        return record(node, executed=True, mlflow_run=mlflow_run, seconds=ended - started,
+                      recorded=recorded, started=started, ended=ended)
 
 
 def worker_spec(dag: Dag, node: Node) -> tuple[Any, dict]:
@@ -215,16 +233,18 @@ def _log_tail(log_path: Path, progress: int = 6, last: int = 12) -> list[str]:
 
 
 def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0,
-           recorded: bool = False) -> dict:
+           recorded: bool = False, started: float | None = None, ended: float | None = None) -> dict:
     """The task's result. ``recorded``: MLflow holds the stage's lineage (the end-of-run sync
-    leaves it alone)."""
+    leaves it alone). ``started``/``ended``: when this run's attempt began and ended (Unix time;
+    None for a cached stage), which shows what ran beside what."""
     art = read_artifact(node.out_dir)
     return {"stage": node.name, "key": node.key, "out_dir": str(node.out_dir), "executed": executed,
             "mlflow_run": mlflow_run, "seconds": round(seconds, 2), "recorded": recorded,
+            "started": started, "ended": ended,
             "outputs": art.outputs if art else {}, "metrics": art.metrics if art else {}}
 
 
-@flow(name="forge-pipeline", flow_run_name="{name}")
+@flow(name="forge-pipeline", flow_run_name="{name}", task_runner=ThreadPoolTaskRunner())
 def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
     logger = get_run_logger()
     spec, dag, steps = load_run(run_file)
@@ -239,46 +259,31 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                                      str(flow_run.get_id()))
     records: dict[str, dict] = {}
     failed: str | None = None
-    rerun = set(spec.get("rerun", ()))
     skipped: dict[str, list[str]] = {}
     for step in steps:
         if step.action == "skip":
             skipped.setdefault(step.why, []).append(step.name)
     for why, names in skipped.items():
         logger.info(f"skipped ({why}): {', '.join(names)}")
+    schedule = schedule_for(steps, dag.pipeline.cluster)
+    if schedule.max_stages > 1:
+        budget = schedule.device_budget
+        logger.info(f"up to {schedule.max_stages} stages at once"
+                    + (f", {budget} devices among them" if budget else ""))
+
+    def cached(step: Step, rec: dict) -> None:   # a stage this run did not execute
+        if lineage and parent_run:
+            producer = guarded(warn, f"recording cached {step.name}", lineage.record_cached,
+                               parent_run, step.name, step.node.key, noted_run(step.node, uri))
+            if producer is not None:
+                note_recorded(step.node, uri, producer)
+            rec["mlflow_run"] = producer
+            rec["recorded"] = producer is not None
+        logger.info(f"{step.name}: cached -> {step.node.out_dir}")
+
     try:
-        for step in steps:
-            if step.action == "skip":
-                continue
-            if failed is not None:
-                logger.info(f"{step.name}: not run (upstream stage {failed} failed)")
-                continue
-            logger.info(f"{step.name}: {step.action} ({step.why})")
-            forced = step.name in rerun
-            retry = dag.pipeline.stages[step.name].retry
-            state = _call(step, run_file, parent_run, refresh=forced, force=forced, retry=retry)
-            if state.name == "Cached" and not complete(step.node):
-                # Prefect's cache is a fast path, artifact.json the truth: a stale hit reruns.
-                logger.info(f"{step.name}: Prefect cache hit but no artifact.json; running it")
-                state = _call(step, run_file, parent_run, refresh=True, force=False, retry=retry)
-            if state.is_failed():
-                failed = step.name
-                records[step.name] = {"stage": step.name, "failed": True,
-                                      "error": str(_exception(state))}
-                continue
-            records[step.name] = dict(state.result())
-            if state.name == "Cached":   # an earlier run's result: this run has recorded nothing
-                records[step.name].update(executed=False, recorded=False)
-            if not records[step.name]["executed"]:
-                if lineage and parent_run:
-                    producer = guarded(warn, f"recording cached {step.name}",
-                                       lineage.record_cached, parent_run, step.name, step.node.key,
-                                       noted_run(step.node, uri))
-                    if producer is not None:
-                        note_recorded(step.node, uri, producer)
-                    records[step.name]["mlflow_run"] = producer
-                    records[step.name]["recorded"] = producer is not None
-                logger.info(f"{step.name}: cached -> {step.node.out_dir}")
+        failed = run_stages(schedule, steps, run_file, parent_run, set(spec.get("rerun", ())),
+                            records, cached)
     finally:
         # MLflow catches up on whatever an outage kept from it (flows/tracking/sync.py)
         ran = [s.name for s in steps if s.action != "skip"
@@ -295,20 +300,93 @@ def forge_pipeline(run_file: str, name: str = "pipeline") -> dict:
                                       f"{dag.pipeline.name}: training loss across phases", warn)
             guarded(warn, "closing the pipeline run", lineage.end_pipeline, parent_run,
                     failed is None)
-    result = {"parent_run": parent_run, "stages": records, "failed": failed,
-              "tracking_uri": dag.pipeline.tracking_uri}
+    result = {"parent_run": parent_run, "failed": failed, "tracking_uri": dag.pipeline.tracking_uri,
+              "stages": {n: records[n] for n in schedule.order if n in records}}   # plan order
     if failed is not None:
         raise RuntimeError(records[failed]["error"])
     return result
 
 
-def _call(step: Step, run_file: str, parent_run: str | None, refresh: bool, force: bool,
-          retry: Any = None) -> Any:
-    """One stage as a Prefect task run; a failed attempt is retried per the stage's `retry:`."""
-    options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s} if retry else {}
-    task_run = run_stage.with_options(task_run_name=step.name, refresh_cache=refresh, **options)
-    return task_run(step.name, step.node.key, str(step.node.out_dir), run_file, parent_run, force,
-                    return_state=True)
+def run_stages(schedule: Schedule, steps: list[Step], run_file: str, parent_run: str | None,
+               rerun: set[str], records: dict[str, dict], cached: Any) -> str | None:
+    """Run the schedule's stages, each as a task run on the flow's thread pool, as many at once as
+    its limits allow; fill ``records`` (``cached(step, record)`` for each stage served from
+    cache); return the stage that failed first, or None. A SIGINT/SIGTERM meanwhile reaches every
+    running worker; once they have ended it is raised here (``forward_stop_signals``)."""
+    logger = get_run_logger()
+    _, dag, _ = load_run(run_file)
+    by_name = {s.name: s for s in steps}
+    running: dict[str, Any] = {}   # stage -> its PrefectFuture
+    done: set[str] = set()
+    ended: set[str] = set()        # failed or stopped
+    failed: str | None = None
+
+    def submit(step: Step, refresh: bool, force: bool) -> None:
+        retry = dag.pipeline.stages[step.name].retry
+        options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s,
+                   "retry_condition_fn": _not_stopping} if retry else {}
+        task_run = run_stage.with_options(task_run_name=step.name, refresh_cache=refresh, **options)
+        running[step.name] = task_run.submit(step.name, step.node.key, str(step.node.out_dir),
+                                             run_file, parent_run, force)
+
+    with forward_stop_signals():
+        try:
+            while True:
+                halted = failed is not None or stop_requested() is not None
+                for name in next_to_start(schedule, done, running, ended, halted):
+                    step = by_name[name]
+                    logger.info(f"{name}: {step.action} ({step.why})")
+                    submit(step, refresh=name in rerun, force=name in rerun)
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(
+                    [f.wrapped_future for f in running.values()], timeout=1.0,
+                    return_when=concurrent.futures.FIRST_COMPLETED)
+                for name in [n for n, f in running.items() if f.wrapped_future in finished]:
+                    step, future = by_name[name], running.pop(name)
+                    error = future.wrapped_future.exception()
+                    state = None if error is not None else future.wrapped_future.result()
+                    broke = error is not None or state.is_failed()
+                    if broke and stop_requested() is not None:
+                        ended.add(name)   # stopped by the signal: it resumes in `forge resume`
+                        continue
+                    if state is not None and state.name == "Cached" and not complete(step.node):
+                        # Prefect's cache is a fast path, artifact.json the truth: a stale hit reruns
+                        logger.info(f"{name}: Prefect cache hit but no artifact.json; running it")
+                        submit(step, refresh=True, force=False)
+                        continue
+                    if broke:
+                        failed = failed or name
+                        ended.add(name)
+                        why = error if error is not None else _exception(state)
+                        records[name] = {"stage": name, "failed": True, "error": str(why)}
+                        if failed == name and running:
+                            logger.info(f"{name} failed: no new stage starts; waiting for "
+                                        f"{', '.join(running)} to finish")
+                        continue
+                    done.add(name)
+                    records[name] = dict(state.result())
+                    if state.name == "Cached":   # an earlier run's result: this run recorded
+                        records[name].update(executed=False, recorded=False, started=None,
+                                             ended=None)
+                    if not records[name]["executed"]:
+                        cached(step, records[name])
+        except BaseException:
+            # an error in this thread: the workers must not train on unattended; they checkpoint
+            if running:
+                stop_all(signal.SIGTERM)
+                concurrent.futures.wait([f.wrapped_future for f in running.values()])
+            raise
+    if failed is not None:
+        for name in schedule.order:
+            if name not in records and name not in ended:
+                logger.info(f"{name}: not run ({why_not_run(schedule, name, failed)})")
+    return failed
+
+
+def _not_stopping(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed attempt per the stage's ``retry:``, unless forge was asked to stop."""
+    return stop_requested() is None
 
 
 def _exception(state: Any) -> BaseException | str:

@@ -238,6 +238,10 @@ def summary(prep: Prepared, result: dict) -> str:
 
 def plan_text(prep: Prepared) -> str:
     pipe = prep.dag.pipeline
+    c = pipe.cluster
+    at_once = (f", up to {c.max_parallel_stages} stages at once"
+               + (f" on {c.device_budget} devices" if c.device_budget else "")
+               if c.max_parallel_stages > 1 else "")
     head = (f"pipeline {pipe.name}  ({len(prep.steps)} stages, store {pipe.store}, cluster "
-            f"{pipe.cluster.device} TP{pipe.cluster.tensor_parallel} DP{pipe.cluster.data_parallel})")
+            f"{c.device} TP{c.tensor_parallel} DP{c.data_parallel}{at_once})")
     return head + "\n" + format_plan(prep.steps, pipe.store)

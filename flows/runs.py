@@ -19,6 +19,7 @@ from flows.config import typed
 from flows.dag import Dag, build
 from flows.failures import last_failure
 from flows.plan import complete, make_plan, newest_checkpoint
+from stages.layout import SLURM_JOBS
 from stages.schema import ConfigError
 
 RUNS = "runs"
@@ -172,4 +173,15 @@ def format_run(run: RunRecord) -> str:
         head.append("  error: " + str(st["error"]).splitlines()[0])
     states = stage_states(run)
     width = max(map(len, states), default=5)
-    return "\n".join(head + [f"  {n:<{width}}  {s}" for n, s in states.items()])
+    nodes = run.dag().nodes
+    return "\n".join(head + [f"  {n:<{width}}  {s}{_slurm_jobs(nodes[n].out_dir)}"
+                             for n, s in states.items()])
+
+
+def _slurm_jobs(out_dir: Path) -> str:
+    """'; Slurm jobs 8 CANCELLED, 10 COMPLETED' for a stage run as batch jobs, else ''."""
+    try:
+        jobs = json.loads((Path(out_dir) / SLURM_JOBS).read_text())["jobs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return "; Slurm jobs " + ", ".join(f"{j['job_id']} {j.get('state', 'not ended')}" for j in jobs)

@@ -8,6 +8,7 @@ cluster never changes a stage's key. Where the workers run (torchrun, Slurm, Kub
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 from stages.launch_spec import KubernetesSpec, SlurmSpec, check_launch
@@ -24,12 +25,25 @@ class ParallelSpec:
     device: Literal["cpu", "cuda"] = setting("cpu", "cpu trains through gloo, cuda through NCCL")
     # Where workers run (stages/launch_spec.py); `forge launch-command` prints it.
     launcher: Literal["torchrun", "slurm", "kubernetes"] = setting(
-        "torchrun", "torchrun on this machine, slurm (salloc + srun, torchrun per node) or "
+        "torchrun", "torchrun on this machine, slurm (a batch job: sbatch + srun, torchrun per node) or "
                     "kubernetes (an Indexed Job of the worker image)")
     slurm: SlurmSpec = setting(SlurmSpec(), "launcher=slurm: partition, account, time, image")
     kubernetes: KubernetesSpec = setting(KubernetesSpec(), "launcher=kubernetes: namespace, "
                                                            "image, store claim")
     threads_per_worker: int = setting(1, "OMP threads per worker process", ge=1)
+    # How much of one run goes at once (flows/scheduler.py): every stage whose parents are complete
+    # starts while both limits allow. Settings: how many stages run beside each other never
+    # changes what any of them computes.
+    max_parallel_stages: int = setting(
+        1, "stages of one run that may run at the same time (1: one after another); a stage "
+           "starts once its parents are complete", ge=1)
+    max_parallel_devices: int = setting(
+        0, "devices the stages running at the same time may take together (a training stage takes "
+           "its layout's world size, any other kind 1); 0 = the launcher's default: torchrun -> "
+           "this machine's devices (gpus_per_node; on CPU its cores / threads_per_worker), slurm "
+           "and kubernetes -> no limit here (each stage gets an allocation of its own; the "
+           "cluster's scheduler queues what does not fit). A stage larger than the budget still "
+           "runs, alone", ge=0)
     # What `forge plan` needs to estimate time and memory (stages/training/compute.py).
     accelerator: str = setting("cpu", "device type: cpu, a100, h100, h200 or b200 (sets memory "
                                       "and peak FLOP/s for the compute plan)")
@@ -51,6 +65,19 @@ class ParallelSpec:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.data_parallel * self.context_parallel
+
+    @property
+    def device_budget(self) -> int | None:
+        """Devices the stages running at once may take together; None: no limit here. The
+        default (``max_parallel_devices: 0``) is this machine's under torchrun (its GPUs, or on
+        CPU its cores / threads_per_worker) and none under Slurm or Kubernetes."""
+        if self.max_parallel_devices:
+            return self.max_parallel_devices
+        if self.launcher != "torchrun":
+            return None
+        if self.device == "cpu":
+            return max(1, (os.cpu_count() or 1) // self.threads_per_worker)
+        return self.gpus_per_node
 
     def __post_init__(self) -> None:
         from stages.training.compute import ACCELERATORS
@@ -107,13 +134,12 @@ class ParallelSpec:
                               f"cluster.recompute=none (or {where}.parallel.recompute=none)")
 
     def not_built(self) -> str:
-        """Layouts that validate and plan, but that the training loop cannot run yet."""
-        if self.pipeline_parallel > 1:
-            return ("pipeline parallelism (pipeline_parallel > 1) is not built into the training "
-                    "loop yet (issue 13); it plans, but cannot run")
+        """Layouts that validate and plan, but that the training loop cannot run yet (pipeline
+        parallelism runs: Megatron's 1F1B schedule, stages/training/step.py)."""
         if self.context_parallel > 1:
-            return ("context parallelism (context_parallel > 1) is not built into the training loop "
-                    "yet (issue 13; it needs ring attention, tested on a GPU); it plans, but cannot run")
+            return ("context parallelism (context_parallel > 1) is wired into the training loop "
+                    "for GPUs (Transformer Engine's ring attention) but has not passed its GPU test "
+                    "yet (tests/gpu/test_context_parallel.py, 2+ GPUs); it plans, but cannot run")
         return ""
 
 

@@ -2,8 +2,9 @@
 
 ``cluster.launcher`` picks one of
 - ``torchrun``: this machine, ``torchrun --standalone`` (a laptop, CI, or one GPU node);
-- ``slurm``: ``salloc`` takes the nodes, ``srun`` starts one ``torchrun`` per node, rendezvous on
-  the allocation's first node; inside the worker image through Pyxis/enroot when one is named;
+- ``slurm``: a batch job per stage (``sbatch``), ``srun`` starts one ``torchrun`` per node,
+  rendezvous on the job's first node; inside the worker image through Pyxis/enroot when one is
+  named. A stage longer than the time limit runs as a chain of jobs (``flows/slurm.py``);
 - ``kubernetes``: an Indexed Job of the worker image, one pod per node with ``torchrun`` in it,
   rendezvous on pod 0 behind a headless Service.
 
@@ -24,6 +25,26 @@ _SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMIT
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
+# sbatch options forge sets itself (extra_args may not repeat them)
+_SBATCH_OWN = {"--output", "-o", "--job-name", "-J", "--nodes", "-N", "--ntasks-per-node",
+               "--cpus-per-task", "-c", "--gpus-per-node", "--time", "-t", "--signal", "--parsable"}
+
+
+def slurm_seconds(limit: str) -> int | None:
+    """Seconds of a Slurm time limit (None: empty or unlimited)."""
+    if not limit or limit in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:                 # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:    # HH:MM:SS
+        h, m, sec = parts
+    else:                    # MM, MM:SS
+        h, (m, sec) = 0, (parts + [0])[:2]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
 def _check_port(port: int) -> None:
     if not 1024 <= port <= 65535:
         raise ConfigError(f"rdzv_port: {port} is not a free-to-use port; pick one in 1024..65535")
@@ -31,12 +52,12 @@ def _check_port(port: int) -> None:
 
 @configclass
 class SlurmSpec:
-    partition: str = setting("", "partition of the stage allocations (salloc --partition); "
-                                 "empty = the cluster's default")
-    account: str = setting("", "account charged (salloc --account); empty = the user's default")
-    time: str = setting("", "wall-clock limit of one stage's allocation: MM, HH:MM:SS or "
-                            "D-HH:MM:SS; empty = the partition's default. A stage that runs out "
-                            "resumes from its newest checkpoint on the next `forge run`")
+    partition: str = setting("", "partition of the stage jobs (sbatch --partition); empty = the "
+                                 "cluster's default")
+    account: str = setting("", "account charged (sbatch --account); empty = the user's default")
+    time: str = setting("", "wall-clock limit of one job: MM, HH:MM:SS or D-HH:MM:SS; empty = the "
+                            "partition's default. A stage longer than that runs as a chain of jobs, "
+                            "each resuming from the checkpoint the last one wrote before its limit")
     container_image: str = setting("", "worker image run through Pyxis/enroot (srun "
                                        "--container-image); empty = the nodes' own environment")
     container_mounts: tuple[str, ...] = setting((), "SRC:DST mounts for the image (srun "
@@ -45,7 +66,17 @@ class SlurmSpec:
     python: str = setting("python", "Python of the worker environment on the nodes (in the "
                                     "image: the image's own)")
     rdzv_port: int = setting(29500, "torchrun rendezvous port on the first node")
-    extra_args: tuple[str, ...] = setting((), "more salloc options, e.g. [--exclusive, --qos=high]")
+    extra_args: tuple[str, ...] = setting((), "more sbatch options, e.g. [--exclusive, --qos=high]")
+    signal_lead_s: int = setting(600, "seconds before a job's time limit at which its worker gets "
+                                      "SIGTERM, finishes its step, checkpoints and exits, so the "
+                                      "next job of the chain resumes there: one step plus one "
+                                      "checkpoint save must fit (a 30B save to a parallel file "
+                                      "system takes minutes)", ge=1)
+    max_jobs: int = setting(1000, "most jobs one stage may take (a chain that ends a job at each "
+                                  "time limit); reaching it fails the stage instead of queueing "
+                                  "forever", ge=1)
+    poll_s: float = setting(10.0, "seconds between looks at a job's state (scontrol/squeue); its "
+                                  "output is read every second", gt=0)
 
     def __post_init__(self) -> None:
         if self.time and not _SLURM_TIME.fullmatch(self.time):
@@ -61,8 +92,17 @@ class SlurmSpec:
                               "container_image, or drop the mounts to run on the nodes' own Python")
         for arg in self.extra_args:
             if not arg.startswith("-"):
-                raise ConfigError(f"extra_args: {arg!r} is not an salloc option (they start with "
+                raise ConfigError(f"extra_args: {arg!r} is not an sbatch option (they start with "
                                   "'-', e.g. --exclusive)")
+            if arg.split("=")[0] in _SBATCH_OWN:
+                raise ConfigError(f"extra_args: {arg!r} is set by forge (output, job name, nodes, "
+                                  "tasks, CPUs and GPUs come from the cluster layout, the time "
+                                  "limit from slurm.time); drop it")
+        limit = slurm_seconds(self.time)
+        if limit is not None and self.signal_lead_s >= limit:
+            raise ConfigError(f"signal_lead_s: {self.signal_lead_s} s is not less than the time "
+                              f"limit {self.time} ({limit} s): the worker would be stopped before it "
+                              "trains; lower signal_lead_s or raise time")
         if not self.python:
             raise ConfigError("python: empty; name the worker environment's Python on the nodes")
 

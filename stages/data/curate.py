@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.data.chat_sources import ChatSourceSpec
 from stages.data.curation_rules import RulesSpec
 from stages.data.judge import JudgeSpec
-from stages.layout import JUDGE_MODEL, part_dir
+from stages.layout import FAST_DIGEST, JUDGE_MODEL, fast_file_digest, part_dir
 from stages.schema import ConfigError, configclass, param, setting
 
 SPLIT = "split"
@@ -178,7 +178,8 @@ def gather(config: CurateConfig, out_dir: Path, ctx: RunContext) -> Artifact:
                   if isinstance(v, (int, float))}}
     datasets_ = [{"name": name, "split": split_name, "rows": len(rows),
                   "path": str((out_dir / f"{name}.parquet").resolve()),
-                  "digest": file_digest(out_dir / f"{name}.parquet")}
+                  "digest": fast_file_digest(out_dir / f"{name}.parquet"),
+                  "digest_algo": FAST_DIGEST}
                  for name, split_name, rows in (("kept", "train", train),
                                                 ("heldout", "heldout", heldout))]
     outputs = {"kept": "kept.parquet", "heldout": "heldout.parquet",

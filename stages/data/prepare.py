@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
+from stages.layout import FAST_DIGEST, fast_file_digest
 from stages.schema import ConfigError, configclass, param
 from stages.specs import check_source_choice
 
@@ -185,7 +186,8 @@ def prepare_sources(config: PrepareDataConfig, out_dir: Path, ctx: RunContext) -
                 outputs[f"{folder}/{name}"] = rel
                 datasets_.append({"name": name, "split": split, "rows": part.num_rows,
                                   "path": str((out_dir / rel).resolve()),
-                                  "digest": file_digest(out_dir / rel), "source": describe(spec)})
+                                  "digest": fast_file_digest(out_dir / rel),
+                                  "digest_algo": FAST_DIGEST, "source": describe(spec)})
             metrics[f"documents/{name}"] = len(train_idx)
             print(f"[prepare_data] {name}: {len(train_idx)} train + {len(held)} held-out documents "
                   f"from {describe(spec)} ({time.perf_counter() - t0:.1f}s)", flush=True)

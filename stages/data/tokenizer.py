@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind, file_digest
+from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.data.chat_format import ROLE_TOKENS
+from stages.layout import FAST_DIGEST, fast_file_digest
 from stages.schema import ConfigError, configclass, param
 
 EOD = "<|endoftext|>"
@@ -28,6 +29,15 @@ SPECIAL_TOKENS = (EOD, PAD)
 def source_outputs(data: StageInput, prefix: str = "sources/") -> list[str]:
     """The parent's output names that start with ``prefix``, sorted (e.g. ``sources/web``)."""
     return sorted(k for k in data.artifact.outputs if k.startswith(prefix))
+
+
+def recorded_digest(data: StageInput, output: str) -> str:
+    """The xxh3-128 of a parent's output file: the one its artifact recorded, else computed."""
+    path = str(data.path(output).resolve())
+    for d in data.artifact.datasets:
+        if d.get("path") == path and d.get("digest_algo") == FAST_DIGEST:
+            return d["digest"]
+    return fast_file_digest(data.path(output))
 
 
 def read_columns(path: Path, columns: list[str], limit: int | None = None,
@@ -111,7 +121,8 @@ def train_tokenizer(config: TrainTokenizerConfig, inputs: dict[str, StageInput],
                     metrics={"vocab_size": extra["vocab_size"]},
                     datasets=[{"name": out.removeprefix("sources/"), "rows": n, "split": "train",
                                "path": str(data.path(out).resolve()),
-                               "digest": file_digest(data.path(out))} for out, n in counts.items()],
+                               "digest": recorded_digest(data, out), "digest_algo": FAST_DIGEST}
+                              for out, n in counts.items()],
                     extra=extra)
 
 

@@ -163,10 +163,10 @@ class Rl(TrainingKind):
             raise ConfigError(f"{where}.engine: vllm serves rollouts on GPUs only (cluster.device "
                               f"is {cluster.device}); use engine: cpu or auto")
         layout = cls.layout(config, cluster)
-        if layout.tensor_parallel > 1:
-            raise ConfigError(f"{where}.parallel: RL runs with tensor_parallel=1 for now (the "
-                              "rollout engine takes the whole model); scale it with "
-                              "data_parallel")
+        if layout.tensor_parallel > 1 or layout.pipeline_parallel > 1:
+            raise ConfigError(f"{where}.parallel: RL runs with tensor_parallel=1 and "
+                              "pipeline_parallel=1 for now (the rollout engine and the policy "
+                              "loss take the whole model); scale it with data_parallel")
         check_precision(config.precision, cluster, f"{where}.precision")
 
     @classmethod

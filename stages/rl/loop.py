@@ -232,7 +232,7 @@ def _run(config, inputs, out_dir: Path, ctx: RunContext, env, t_start: float,
 
 def write_prompt_sets(out_dir: Path, sets: dict[str, list[dict]]) -> list[dict]:
     """The prompts trained on and held out, as JSON Lines: the stage's dataset inputs in MLflow."""
-    from stages.base import file_digest
+    from stages.layout import FAST_DIGEST, fast_file_digest
     folder = out_dir / "prompts"
     folder.mkdir(exist_ok=True)
     out = []
@@ -242,7 +242,7 @@ def write_prompt_sets(out_dir: Path, sets: dict[str, list[dict]]) -> list[dict]:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         tmp.replace(path)
         out.append({"name": "prompts", "split": split, "rows": len(rows), "path": str(path),
-                    "digest": file_digest(path)})
+                    "digest": fast_file_digest(path), "digest_algo": FAST_DIGEST})
     return out
 
 

@@ -11,7 +11,11 @@ Layout of ``<out_dir>/checkpoints/iter_XXXXXXX/`` (XXXXXXX = optimizer steps don
 - ``loop_state.json`` (optional): a loop's own resumable state beyond ``TrainState``, as JSON
   (the RL loop's prompt position and dynamic-sampling counters), read back by ``read_loop_state``;
 - ``rng/rank_XXXXX.pt``: python, numpy and torch (and cuda) RNG states of each rank;
-- ``done`` (JSON), written last: the sha256 and size of every other file, and the state.
+- ``done`` (JSON), written last: ``{"files": {path: {"size", "xxh3_128", "rank"}}, "state"}``,
+  the size and xxh3-128 of every other file and the rank that wrote and hashed it; older
+  checkpoints name ``sha256`` instead of ``xxh3_128`` (each entry names its algorithm: both verify).
+
+The manifest is built by every rank at once (``stages/training/manifest.py``).
 
 A save writes into ``checkpoints/.tmp-iter_XXXXXXX``, renames it into place, then writes
 ``done`` atomically (tmp file + rename). A directory without a valid ``done`` is never
@@ -20,7 +24,8 @@ disk: ENOSPC, EFBIG) removes what it wrote before it raises. Pruning keeps the n
 complete checkpoints (so the final one, the newest, always stays).
 
 ``problem`` says why a directory is not a checkpoint to load: no or unreadable ``done``, a listed
-file missing, of another size or (``verify``) another sha256, a file ``done`` does not list.
+file missing, of another size or (``verify``) another digest, a file ``done`` does not list;
+the digests are checked by a pool of threads.
 ``latest_complete`` reports every newer directory it passes over (``on_reject``), so a resume
 never loads a damaged checkpoint, and never skips one without saying why.
 
@@ -44,10 +49,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages.layout import (CHECKPOINTS, DONE, ITER, STATE, TMP, checkpoint_dirs, checkpoint_files,
-                           file_digest, iter_name, problem)
+from stages.layout import CHECKPOINTS, DONE, ITER, STATE, TMP, checkpoint_dirs, iter_name, problem
+from stages.training.manifest import gather_manifest, rank as _rank, write_atomic as _write_atomic
+from stages.training.manifest import write_done
 
-__all__ = ["CHECKPOINTS", "DONE", "STATE", "iter_name", "problem"]
+__all__ = ["CHECKPOINTS", "DONE", "STATE", "iter_name", "problem", "write_done"]
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LOOP_STATE = "loop_state.json"
 
@@ -64,27 +70,14 @@ class TrainState:
     data_parallel: int = 1
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- completeness
 def is_complete(ckpt: Path, verify: bool = True) -> bool:
-    """True if ``done`` is valid and every file it lists is there (with its sha256 if verify)."""
+    """True if ``done`` is valid and every file it lists is there (with its digest if verify)."""
     return not problem(ckpt, verify)
 
 
@@ -123,7 +116,12 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
 
 
 def _sharded_state(model, optimizer: torch.optim.Optimizer | None, *, for_load: bool) -> dict:
-    """{"model": ..., "optimizer": {moment: {index: ShardedTensor}}} for save or load."""
+    """{"model": ..., "optimizer": {moment: {index: ShardedTensor}}} for save or load.
+
+    Layout-independent keys: each moment takes its parameter's sharded key, and under pipeline
+    parallelism Megatron keys a stage's layers by their global index (its layer offset) and the
+    last stage's tied output copy as a replica of the embedding, so checkpoints reshard between
+    PP sizes as between TP sizes (tests/integration/test_pipeline_parallel.py)."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         make_sharded_optimizer_tensor,
@@ -282,12 +280,18 @@ def _writers_die_with_worker() -> None:
                         after_in_child=in_child)
 
 
-def write_done(ckpt: Path, state: TrainState) -> None:
-    """Write the ``done`` manifest (sha256 and size of every other file, and the state), last."""
-    files = {str(p.relative_to(ckpt)): {"sha256": file_digest(p), "size": p.stat().st_size}
-             for p in checkpoint_files(ckpt)}
-    _write_atomic(ckpt / DONE, json.dumps({"files": files, "state": dataclasses.asdict(state)},
-                                          indent=1, sort_keys=True))
+def _save_strategy():
+    """torch_dist with the writes spread over the data-parallel replicas (Megatron's fully
+    parallel save), or None (the default: the first replica of each shard writes it all). The
+    replicas hold the same shards; without it rank 0 would write, and hash, every DP replica's."""
+    from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper)
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
 
 
 def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -307,10 +311,11 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
         tmp.mkdir(parents=True)
     _barrier()
     try:
-        dist_checkpointing.save(_sharded_state(model, optimizer, for_load=False), str(tmp))
+        dist_checkpointing.save(_sharded_state(model, optimizer, for_load=False), str(tmp),
+                                sharded_strategy=_save_strategy())
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-        _barrier()
+        hashed = gather_manifest(tmp)  # every rank its own files, at once; rank 0 gathers them
         if rank == 0:
             _write_atomic(tmp / STATE, json.dumps(dataclasses.asdict(state), indent=1))
             if loop_state is not None:
@@ -318,7 +323,7 @@ def save_checkpoint(out_dir: Path, model, optimizer: torch.optim.Optimizer, stat
             if final.exists():  # an earlier, incomplete save of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_done(final, state)
+            write_done(final, state, hashed)
     except BaseException:
         if rank == 0:  # a failed save (a full disk) leaves nothing behind to take space
             for p in (tmp, final):

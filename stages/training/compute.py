@@ -18,15 +18,19 @@ Pure arithmetic (no torch import), so `forge plan` sizes a GPU cluster from a la
   5 a s^2 b attention term) and full recompute (keeps the layer input, 2 sbh) included. With
   recompute, the layer being recomputed in backward holds its full activations for a moment: one
   layer's difference is added to the peak (the paper leaves it out).
-- Time: GPU-hours = executed FLOPs (model FLOPs plus what recompute reruns) / (peak x MFU); the
-  MFU is stated in the cluster config.
+- Time: GPU-hours = executed FLOPs (model FLOPs plus what recompute reruns) / (peak x MFU) /
+  (1 - bubble); the MFU is stated in the cluster config (the busy devices' utilisation). The
+  bubble is 1F1B's: with p pipeline stages and m micro-batches per step per replica each device
+  idles (p - 1) / (m + p - 1) of the step (Narayanan et al. 2021), 0 without PP; wall = hours /
+  devices.
 
 What the built training loop does, and so what a stage plan assumes: fp32 master weights with
 bf16 autocast (16 bytes per parameter; 8 + 8/d with the distributed optimizer, which the loop runs
 on GPUs through Megatron's ``DistributedOptimizer``), no sequence parallelism, the stage's recompute
 (GPU only; Megatron's ``recompute_granularity``), flash attention on GPUs (Transformer Engine) and
 the plain local attention on CPU (it keeps the s x s probabilities). With 1F1B pipelining the first
-stage holds p micro-batches of l/p layers: l layers' worth, whatever p.
+stage holds p micro-batches of l/p layers: l layers' worth, whatever p. Pipeline parallelism runs
+on CPU (gloo) and GPU alike, so CPU plans may choose it; context parallelism stays GPU-only.
 """
 from __future__ import annotations
 
@@ -131,6 +135,7 @@ class Layout:
     params_dtype: str = "fp32"
     distributed_optimizer: bool = False
     fp8_weight_copies: bool = False     # TE keeps an FP8 copy (and transpose) of linear weights
+    replica_batch: int = 0              # samples per step per DP replica (0: one micro-batch)
 
     @property
     def model_parallel(self) -> int:
@@ -147,6 +152,16 @@ class Layout:
 
     def describe(self) -> str:
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}"
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step per replica: what fills the pipeline."""
+        return max(1, self.replica_batch // self.micro_batch)
+
+    @property
+    def bubble(self) -> float:
+        """1F1B's idle share of each device's step: (p - 1) / (m + p - 1); 0 at PP=1."""
+        return (self.pp - 1) / (self.micro_batches + self.pp - 1)
 
     def savers(self) -> str:
         """The memory savers in force: 'dist-opt', 'rc-full', ... ('-' for none)."""
@@ -225,11 +240,11 @@ def candidate_layouts(shape: Shape, seq: int, base: Layout, gpus_per_node: int,
                       max_gpus: int = 8192, cpu: bool = False):
     """Layouts that keep the stage's DP and never shrink its TP/CP/PP, cheapest first: fewest
     model-parallel devices, then the largest micro-batch (a smaller one only costs some speed),
-    then TP (within a node) before CP before PP. On CPU only TP and the micro-batch can change
-    (no ring attention, no pipeline schedule there)."""
+    then TP (within a node) before CP before PP. On CPU CP stays as it is (no ring attention
+    there); PP runs on CPU too (gloo)."""
     tps = [t for t in divisors(shape.groups)
            if shape.heads % t == 0 and base.tp <= t <= max(gpus_per_node, base.tp)]
-    pps = [p for p in divisors(shape.layers) if p >= base.pp and (p == base.pp or not cpu)]
+    pps = [p for p in divisors(shape.layers) if p >= base.pp]
     cps = [c for c in (1, 2, 4, 8, 16, 32, 64, 128)
            if c >= base.cp and (c == 1 or seq % (2 * c) == 0) and (c == base.cp or not cpu)]
     mbs = divisors(base.micro_batch)
@@ -297,8 +312,14 @@ class StagePlan:
         return self.memory.total <= self.usable_bytes
 
     @property
+    def bubble(self) -> float:
+        """The pipeline bubble of the stage's layout (0 without PP): devices idle that share."""
+        return self.layout.bubble
+
+    @property
     def gpu_hours(self) -> float:
-        return gpu_hours(self.executed_flops, self.peak_tflops, self.mfu)
+        """Device-hours: the executed FLOPs at the stated MFU, plus the bubble's idle time."""
+        return gpu_hours(self.executed_flops, self.peak_tflops, self.mfu) / (1.0 - self.bubble)
 
     @property
     def wall_hours(self) -> float:
@@ -364,7 +385,8 @@ def plan_training_stage(stage: str, config, cluster) -> StagePlan:
         dp=dp, micro_batch=config.micro_batch_size or max(config.global_batch_size // dp, 1),
         act_bytes=4 if config.precision.dtype == "fp32" else 2,
         flash_attention=cluster.device == "cuda", fp8_weight_copies=fp8,
-        distributed_optimizer=cluster.distributed_optimizer, recompute=cluster.recompute)
+        distributed_optimizer=cluster.distributed_optimizer, recompute=cluster.recompute,
+        replica_batch=max(config.global_batch_size // dp, 1))
     peak = accel.fp8_tflops if fp8 else accel.bf16_tflops
     if cluster.device == "cpu":
         peak *= cluster.threads_per_worker

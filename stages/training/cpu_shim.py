@@ -15,6 +15,13 @@ CPU from the default torch generator, so nothing is lost.
 
 Both are idempotent. Never apply the shim in a process that uses a GPU.
 
+Pipeline parallelism meets two more CUDA call sites: the schedules count tokens in a
+``torch.zeros(..., device="cuda")`` and the tied output layer of the last stage is moved with
+``weight.data.cuda()`` before its first all-reduce. ``cuda_calls_on_cpu()`` (entered around the
+model build and each schedule call) sends both to the CPU. Megatron's p2p path
+(``batch_isend_irecv`` when ``batch_p2p_comm``, else paired ``isend``/``irecv``) runs over gloo as is:
+its buffers are allocated on ``current_device()``, which the shim points at the CPU.
+
 ``local_process_group()`` gives code outside a torchrun worker (tests, converters) the world of one
 that Megatron's dataset builder and dist_checkpointing ask for (an in-process store, no port).
 """
@@ -53,6 +60,30 @@ def init_cpu_rng_tracker() -> None:
     """Megatron's RNG tracker without CUDA RNG calls (replaces model_parallel_cuda_manual_seed)."""
     from megatron.core.tensor_parallel import random as mrandom
     mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu():
+    """Inside: ``torch.zeros(..., device="cuda")`` and ``Tensor.cuda()`` land on the CPU (the two
+    calls Megatron's pipeline schedule and tied output layer make); a no-op context where the shim
+    is not applied, i.e. on a GPU run. Two functions are swapped for the duration, not a torch
+    function mode: a mode would dispatch every op of the step through Python (measured: up to
+    ~1.5x slower steps on the tiny model)."""
+    if not _APPLIED:
+        yield
+        return
+    zeros, to_cuda = torch.zeros, torch.Tensor.cuda
+
+    def cpu_zeros(*args, **kwargs):
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cuda":
+            kwargs["device"] = "cpu"
+        return zeros(*args, **kwargs)
+
+    torch.zeros, torch.Tensor.cuda = cpu_zeros, lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.zeros, torch.Tensor.cuda = zeros, to_cuda
 
 
 def is_applied() -> bool:

@@ -1,10 +1,10 @@
 """One pretraining phase on Megatron-core: ``train_phase(config, inputs, out_dir, ctx) -> Artifact``.
 
 Build order (one function, ``train_phase``): distributed + model-parallel state (gloo on CPU, NCCL
-on GPU; a world of one when not under torchrun) -> threads and seeds -> model (``model.py``) ->
-AdamW (+ Megatron DDP when DP > 1; on GPU with ``distributed_optimizer``, DDP then Megatron's
-distributed optimizer) -> start state -> data (``mixture.py``) -> steps -> final
-checkpoint -> held-out loss -> artifact.
+on GPU; a world of one when not under torchrun; TP x PP x CP x DP) -> threads and seeds -> model
+(``model.py``; with PP this rank's pipeline stage) -> AdamW (+ Megatron DDP when DP x CP > 1; on
+GPU with ``distributed_optimizer``, DDP then Megatron's distributed optimizer) -> start state ->
+data (``mixture.py``) -> steps -> final checkpoint -> held-out loss -> artifact.
 
 Start state, in order of precedence:
 1. a complete checkpoint of this very stage in ``out_dir`` (``checkpoint.latest_complete``): resume
@@ -18,8 +18,9 @@ Start state, in order of precedence:
 
 A step (``step.train_step``): the global batch is samples ``[step * gbs, (step + 1) * gbs)`` of
 the phase's blend; DP rank r takes its contiguous slice, in micro-batches of ``micro_batch_size``
-(gradient accumulation); the loss is the token mean over the global batch; gradients are
-all-reduced by Megatron's DDP, clipped by the global norm (TP-aware), and AdamW steps with
+(gradient accumulation; with PP through Megatron's 1F1B schedule, ``step.py``); the loss is the
+token mean over the global batch; gradients are all-reduced by Megatron's DDP, clipped by the
+global norm (TP- and PP-aware), and AdamW steps with
 ``schedules.lr_at(...)``. Checkpoints: ``checkpoint.py``, every ``checkpoint_interval`` steps and
 at the end, and after the step in which a SIGTERM or SIGINT came (``preemption.py``: then the
 worker exits 143 / 130 and a rerun resumes there).
@@ -82,9 +83,13 @@ def setup(cluster, seed: int) -> Env:
     if world != cluster.world_size:
         raise RuntimeError(f"the worker runs with {world} processes but the cluster config asks for "
                            f"{cluster.world_size} (tensor_parallel={cluster.tensor_parallel} x "
+                           f"pipeline_parallel={cluster.pipeline_parallel} x "
+                           f"context_parallel={cluster.context_parallel} x "
                            f"data_parallel={cluster.data_parallel}); launch it with "
                            f"torchrun --nproc_per_node={cluster.world_size}")
-    ps.initialize_model_parallel(tensor_model_parallel_size=cluster.tensor_parallel)
+    ps.initialize_model_parallel(tensor_model_parallel_size=cluster.tensor_parallel,
+                                 pipeline_model_parallel_size=cluster.pipeline_parallel,
+                                 context_parallel_size=cluster.context_parallel)
     threads = cluster.threads_per_worker
     torch.set_num_threads(threads)
     random.seed(seed)
@@ -97,7 +102,8 @@ def setup(cluster, seed: int) -> Env:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(seed)
     return Env(device=device, rank=dist.get_rank(), world=world, tp=cluster.tensor_parallel,
-               dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank())
+               dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+               pp=cluster.pipeline_parallel, cp=cluster.context_parallel)
 
 
 def teardown() -> None:
@@ -297,14 +303,15 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
         raise RuntimeError(f"micro_batch_size {mbs} does not divide the per-rank batch {local}")
     cluster = ctx.cluster   # the stage's layout; recompute and the distributed optimizer: GPU only
     model = build_model(config.run_model, config.precision, device=env.device, tensor_parallel=env.tp,
-                        recompute=cluster.recompute)
+                        recompute=cluster.recompute, pipeline_parallel=env.pp,
+                        context_parallel=env.cp)
     # Megatron's distributed optimizer lives on DDP's buffers, so DDP comes first, then the start
     # state loads into both; with one DP rank there is nothing to shard: plain AdamW.
-    sharded = cluster.distributed_optimizer and env.dp > 1
+    sharded = cluster.distributed_optimizer and env.dp * env.cp > 1
     ddp = data_parallel(model, sharded) if sharded else None
     optimizer = make_distributed_optimizer(ddp, config) if sharded else make_optimizer(model, config)
     state = start_state(config, inputs, out_dir, model, optimizer, env, stage)
-    if ddp is None and env.dp > 1:
+    if ddp is None and env.dp * env.cp > 1:  # CP ranks sum partial gradients, as DP ranks do
         ddp = data_parallel(model, False)
     net = ddp or model
     document_mask = config.document_mask
@@ -315,7 +322,9 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
     mask = causal_mask(seq, env.device)
     startup_s = time.time() - t_start
     say(env, f"[{stage}] start-up {startup_s:.1f}s; {steps} steps of {gbs}x{seq} tokens, "
-             f"TP={env.tp} DP={env.dp}, from step {state.step}")
+             f"TP={env.tp} DP={env.dp}{f' PP={env.pp}' if env.pp > 1 else ''}"
+             f"{f' CP={env.cp}' if env.cp > 1 else ''}, "
+             f"from step {state.step}")
 
     net.train()
     resumed_at_end = state.step == steps
@@ -364,7 +373,8 @@ def _train(config, inputs, out_dir: Path, ctx: RunContext, env: Env, t_start: fl
                    tokens_total=float(state.tokens_total), startup_s=startup_s)
     extra = {"model": to_dict(config.run_model), "tokens_total": state.tokens_total,
              "tokens_phase": state.tokens_phase, "world_size": env.world,
-             "tensor_parallel": env.tp, "data_parallel": env.dp,
+             "tensor_parallel": env.tp, "pipeline_parallel": env.pp, "context_parallel": env.cp,
+             "data_parallel": env.dp,
              "padded_vocab_size": padded_vocab_size(config.run_model.vocab_size),
              "parent": config.from_, "seq_length": seq}
     return Artifact(kind=ctx.kind or "pretrain", stage=stage, key=ctx.key,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.specs import ModelSpec, PrecisionSpec
+from stages.training.cpu_shim import cuda_calls_on_cpu
 
 VOCAB_MULTIPLE = 128  # Megatron's make_vocab_size_divisible_by; TP sizes that divide it all work
 
@@ -98,7 +99,8 @@ RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective",
 
 
 def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
-                       tensor_parallel: int = 1, recompute: str = "none"):
+                       tensor_parallel: int = 1, recompute: str = "none",
+                       pipeline_parallel: int = 1, context_parallel: int = 1):
     """The Megatron ``TransformerConfig`` of a Granite-shaped dense decoder."""
     from megatron.core.transformer.transformer_config import TransformerConfig
     fp8 = {}
@@ -129,6 +131,12 @@ def transformer_config(spec: ModelSpec, precision: PrecisionSpec, *, device: str
         # None keeps Megatron's own default, which is exactly 1/sqrt(kv_channels).
         softmax_scale=spec.attention_multiplier,
         tensor_model_parallel_size=tensor_parallel,
+        # PP: activations cross stages in fp32 (token_losses casts a stage's output to it)
+        pipeline_model_parallel_size=pipeline_parallel,
+        pipeline_dtype=torch.float32,
+        # CP (GPU, Transformer Engine's ring attention): each rank holds 2 of 2 x CP chunks
+        context_parallel_size=context_parallel,
+        cp_comm_type="p2p" if context_parallel > 1 else None,
         sequence_parallel=False,
         params_dtype=torch.float32,
         use_cpu_initialization=(device == "cpu"),
@@ -161,36 +169,71 @@ def layer_spec(use_te: bool):
 
 
 def build_model(spec: ModelSpec, precision: PrecisionSpec, *, device: str,
-                tensor_parallel: int = 1, use_te: bool | None = None, recompute: str = "none"):
-    """A ``GPTModel`` on ``device`` (model-parallel state must be initialised first).
+                tensor_parallel: int = 1, use_te: bool | None = None, recompute: str = "none",
+                pipeline_parallel: int = 1, context_parallel: int = 1):
+    """A ``GPTModel`` on ``device`` (model-parallel state must be initialised first): with
+    ``pipeline_parallel`` > 1, this rank's stage of it (its share of the layers, at Megatron's
+    layer offset; the embedding on the first stage, final norm and output layer on the last).
 
     ``use_te`` defaults to True on cuda (False with ``FORGE_LAYER_SPEC=local``) and False on cpu.
     Initialisation on CPU draws from the default torch generator (seed it first); the full weight
-    is drawn and then split, so TP=1 and TP=2 start from the same weights.
+    is drawn and then split, so TP=1 and TP=2 start from the same weights; ``context_parallel`` > 1
+    (GPU only: Transformer Engine's ring attention) changes no weight; a later pipeline stage
+    first replays the draws of the stages before it (``_skip_earlier_stages``), so every PP size
+    starts from the PP=1 weights too. With tied embeddings the last stage's copy of the embedding
+    is set equal to the first stage's by Megatron (an all-reduce over the embedding group).
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     if use_te is None:
         # FORGE_LAYER_SPEC=local: bf16 on the local spec where a GPU lacks TE (tests/gpu/run_all.sh)
         use_te = device == "cuda" and os.environ.get("FORGE_LAYER_SPEC") != "local"
     config = transformer_config(spec, precision, device=device, tensor_parallel=tensor_parallel,
-                                recompute=recompute)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(use_te),
-        vocab_size=padded_vocab_size(spec.vocab_size, tensor_parallel),
-        max_sequence_length=spec.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=spec.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=spec.rope_theta,
-        # FACTS.md: Megatron's default is rotary_interleaved=False (the HF layout); say it.
-    )
+                                recompute=recompute, pipeline_parallel=pipeline_parallel,
+                                context_parallel=context_parallel)
+    first = last = True
+    if pipeline_parallel > 1:
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        if device == "cpu" and not first:
+            _skip_earlier_stages(spec, config, use_te, tensor_parallel)
+    with cuda_calls_on_cpu():  # the tied copy's .cuda() before its all-reduce (CPU shim only)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(use_te),
+            vocab_size=padded_vocab_size(spec.vocab_size, tensor_parallel),
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=spec.rope_theta,
+            # FACTS.md: Megatron's default is rotary_interleaved=False (the HF layout); say it.
+        )
     assert not config.rotary_interleaved
     add_granite_multipliers(model, spec)
     return model.to(device)
+
+
+def _skip_earlier_stages(spec: ModelSpec, config, use_te: bool, tensor_parallel: int) -> None:
+    """Advance the CPU generator past the initial draws of the pipeline stages before this one.
+
+    PP=1 draws the embedding, then the layers in order. A later stage builds (and drops) that
+    prefix, the embedding and the layers before its offset, as a one-stage model, so its own
+    layers draw what they draw at PP=1. Costs the prefix's memory once, at start-up (CPU only)."""
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    offset = get_transformer_layer_offset(config)
+    prefix = dataclasses.replace(config, num_layers=offset, pipeline_model_parallel_size=1)
+    with cuda_calls_on_cpu():
+        GPTModel(config=prefix, transformer_layer_spec=layer_spec(use_te),
+                 vocab_size=padded_vocab_size(spec.vocab_size, tensor_parallel),
+                 max_sequence_length=spec.max_position_embeddings, pre_process=True,
+                 post_process=False, share_embeddings_and_output_weights=False,
+                 position_embedding_type="rope", rotary_base=spec.rope_theta)
 
 
 def _scale_output(factor: float, *, divide: bool = False):
@@ -226,14 +269,14 @@ def add_granite_multipliers(model, spec: ModelSpec) -> None:
     them. A multiplier of 1.0 adds no hook: the plain model stays bit-identical. (Megatron's
     ``inference_fuse_tp_communication``, which adds the residual inside fc2, must stay off.)
     """
-    hooks = []
-    if spec.embedding_multiplier != 1.0:
+    hooks = []  # a pipeline stage has the embedding (first) or the output layer (last) or neither
+    if spec.embedding_multiplier != 1.0 and model.pre_process:
         hooks.append((model.embedding, _scale_output(spec.embedding_multiplier)))
     if spec.residual_multiplier != 1.0:
         for layer in model.decoder.layers:
             hooks += [(layer.self_attention, _scale_output(spec.residual_multiplier)),
                       (layer.mlp, _scale_output(spec.residual_multiplier))]
-    if spec.logits_scaling != 1.0:
+    if spec.logits_scaling != 1.0 and model.post_process:
         hooks.append((model.output_layer, _scale_output(spec.logits_scaling, divide=True)))
     for module, hook in hooks:
         module.register_forward_hook(hook)

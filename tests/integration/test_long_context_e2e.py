@@ -133,7 +133,7 @@ def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
     # MLflow: the curation's report on its run; the kept set, with its digest, an input of SFT's
     from mlflow import MlflowClient
 
-    from stages.base import file_digest
+    from stages.layout import fast_file_digest
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     exp = client.get_experiment_by_name("granite-forge")
     runs = {r.data.tags["forge.stage"]: r for r in client.search_runs(
@@ -142,7 +142,7 @@ def test_post_training_on_the_merged_model_and_its_exports(chain, tmp_path):
     assert {"report/report.json", "report/rejected_by_rule.png"} <= logged
     kept = Path(result["stages"]["curate"]["out_dir"]) / "kept.parquet"
     inputs = {d.dataset.name: d.dataset.digest for d in runs["sft"].inputs.dataset_inputs}
-    assert inputs == {"curate/kept": file_digest(kept)[:36]}
+    assert inputs == {"curate/kept": fast_file_digest(kept)[:36]}
 
     chat = [{"role": "user", "content": "What is 2 + 3?"}]
     for stage in ("merge-3", "sft"):

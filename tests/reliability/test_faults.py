@@ -87,7 +87,7 @@ def test_damaged_parent_checkpoint_is_refused_with_the_fix(lab):
     run = worker(spec)
     assert run.finish() != 0
     assert f"the checkpoint of parent stage {STAGE} is damaged" in run.log, run.log[-2000:]
-    assert f"{shard.name} fails its sha256 check; run {STAGE} again" in run.log
+    assert f"{shard.name} fails its xxh3_128 check; run {STAGE} again" in run.log
     assert "forge run --rerun pretrain-a" in run.log
 
 

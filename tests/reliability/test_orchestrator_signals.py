@@ -16,6 +16,8 @@ token count, so another key and output dir). Every process forge starts is recor
 3. SIGTERM to the forge process alone: the same, exit 143, and a plain rerun resumes.
 4. SIGTERM while forge waits on a stage lock another run holds: it ends, cancelled, without a
    failure record for an attempt that never started.
+5. SIGTERM while two stages train side by side (``cluster.max_parallel_stages=2``; issue 13): it
+   reaches both workers, both checkpoint, the run is cancelled, ``forge resume`` completes both.
 """
 from __future__ import annotations
 
@@ -316,3 +318,45 @@ def test_sigterm_while_waiting_on_a_stage_lock_ends_forge(store):
     assert status(store, forge.run_id())["status"] == "cancelled"
     assert forge.strays() == []
     assert not (out_dir / "failure.json").exists()   # no attempt started, none failed
+
+
+def test_sigterm_with_two_stages_running_stops_both_and_resume_completes_both(store):
+    """cluster.max_parallel_stages=2: pretrain-1 and a copy of it (pretrain-b, the same key in
+    another output dir) train side by side. One SIGTERM to forge reaches both workers (forge's
+    main thread passes it to every live worker): each stops after a step with a checkpoint, forge
+    exits 143 with the run cancelled and nothing left, and `forge resume` completes both, each
+    from the step it stopped at."""
+    stages = ("pretrain-1", "pretrain-b")
+    # 100 steps (~35 ms each): neither finishes before both have a checkpoint, whatever the skew
+    # of their start-ups
+    args = ["run", *pretrain(100), "+stages.pretrain-b=${stages.pretrain-1}",
+            "cluster.max_parallel_stages=2", "--only", "|".join(stages)]
+    forge = Forge(store, *args)
+    forge.wait_until("the run id", lambda: "run id " in forge.output)
+    out = {}
+    for stage in stages:
+        m = re.search(rf"^\s+{stage}\s+run\s.*?({stage}-[0-9a-f]+)", forge.output, re.M)
+        assert m, forge.output[-3000:]
+        out[stage] = store / m.group(1)
+    forge.wait_until("a checkpoint of each", lambda: all(list(d.glob("checkpoints/*/done"))
+                                                        for d in out.values()))
+    assert not any((d / "artifact.json").exists() for d in out.values()), "one finished already"
+    os.kill(forge.proc.pid, signal.SIGTERM)
+    code, took = forge.exit_within(EXIT_S, time.monotonic())
+    print(f"SIGTERM to forge with two stages training: forge exited {code} {took:.1f} s later")
+    assert code == 143, forge.output[-3000:]
+    assert status(store, forge.run_id())["status"] == "cancelled"
+    assert forge.strays() == []
+    stopped = {}
+    for stage, d in out.items():
+        m = re.search(rf"\[{stage}\] stopped by SIGTERM after step (\d+): saved "
+                      r"checkpoints/iter_(\d+)", last_attempt(d))
+        assert m and m.group(1) == str(int(m.group(2))), last_attempt(d)[-3000:]
+        assert json.loads((d / "failure.json").read_text())["exit_code"] == 143
+        stopped[stage] = int(m.group(1))
+
+    forge_done(store, "resume", forge.run_id())
+    for stage, d in out.items():
+        assert (d / "artifact.json").exists(), stage
+        assert re.search(rf"\[{stage}\] resuming from \S*checkpoints/iter_{stopped[stage]:07d} "
+                         rf"\(step {stopped[stage]}\)", last_attempt(d)), last_attempt(d)[-3000:]

@@ -193,8 +193,11 @@ def trigger(step: int) -> str:
 
 # ------------------------------------------------------------------ judging
 def verify(ckpt: Path) -> str:
-    """Why ``ckpt`` is not complete ("" if it is), checked here independently of checkpoint.py."""
+    """Why ``ckpt`` is not complete ("" if it is), checked here independently of checkpoint.py
+    (each entry's digest: xxh3_128, or sha256 in checkpoints older than issue 13)."""
     import hashlib
+
+    import xxhash
     try:
         files = json.loads((ckpt / "done").read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
@@ -203,8 +206,10 @@ def verify(ckpt: Path) -> str:
     if present != set(files):
         return f"files differ from done: {sorted(present ^ set(files))}"
     for rel, meta in files.items():
-        if hashlib.sha256((ckpt / rel).read_bytes()).hexdigest() != meta["sha256"]:
-            return f"{rel}: sha256"
+        algorithm = "xxh3_128" if "xxh3_128" in meta else "sha256"
+        hasher = xxhash.xxh3_128 if algorithm == "xxh3_128" else hashlib.sha256
+        if hasher((ckpt / rel).read_bytes()).hexdigest() != meta.get(algorithm):
+            return f"{rel}: {algorithm}"
     return ""
 
 
@@ -479,10 +484,11 @@ class Lab:
                 size = int(rng.integers(len(text)))
                 f.write_text(text[:size])
                 return f"done torn at byte {size}"
-            shas = [m.start(1) for m in re.finditer(r'"sha256": "([0-9a-f]{64})"', text)]
-            at = shas[int(rng.integers(len(shas)))] + int(rng.integers(64))
+            digests = [m.span(1) for m in re.finditer(r'"(?:xxh3_128|sha256)": "([0-9a-f]+)"', text)]
+            start, end = digests[int(rng.integers(len(digests)))]
+            at = start + int(rng.integers(end - start))
             f.write_text(text[:at] + ("0" if text[at] != "0" else "1") + text[at + 1:])
-            return f"a sha256 in done changed at char {at}"
+            return f"a digest in done changed at char {at}"
         raise ValueError(kind)
 
     def disk_full(self, method: str) -> Trial:

@@ -287,3 +287,39 @@ def test_bad_stage_layout_is_rejected_with_the_field(capsys, tmp_path, monkeypat
     assert code == 2 and "stages.pretrain-1.micro_batch_size: 3 does not divide" in err
     code, _, err = plan(capsys, "cluster.accelerator=h100")
     assert code == 2 and "accelerator: 'h100' does not match device 'cpu'" in err
+
+
+def test_pipeline_parallel_plans_runs_and_counts_its_bubble(capsys, tmp_path, monkeypatch):
+    """PP is built (Megatron's 1F1B schedule, on CPU too): a PP layout is no longer blocked, CPU
+    refusals may suggest it, and its hours carry the bubble (p - 1) / (m + p - 1)."""
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    code, out, err = plan(capsys, "stages.pretrain-1.parallel.pipeline_parallel=2")
+    assert code == 0, err
+    assert "TP1 PP2 CP1 DP1" in out
+    assert re.search(r"pretrain-1 +run ", out) and "pipeline parallelism" not in out
+    # the bubble: 4 stages, 8 micro-batches per replica -> 3/11 of each step idle
+    lay = Layout(pp=4, micro_batch=2, replica_batch=16)
+    assert lay.micro_batches == 8 and lay.bubble == pytest.approx(3 / 11)
+    assert dataclasses.replace(lay, pp=1).bubble == 0.0
+    from flows import config
+    from stages.cluster import ParallelSpec
+    from stages.training.compute import candidate_layouts, plan_training_stage
+    cfg = config.load([]).stages["pretrain-1"].config
+    one = plan_training_stage("pretrain-1", cfg, ParallelSpec())
+    two = plan_training_stage("pretrain-1", cfg, ParallelSpec(pipeline_parallel=2))
+    m = cfg.global_batch_size // (cfg.micro_batch_size or cfg.global_batch_size)
+    assert two.bubble == pytest.approx(1 / (m + 1))
+    assert two.gpu_hours == pytest.approx(one.gpu_hours / (1 - two.bubble))  # same FLOPs + idle
+    # CPU candidates now include PP (CP stays GPU-only)
+    shape = Shape.of(cfg.run_model)
+    cands = candidate_layouts(shape, 256, Layout(), gpus_per_node=8, cpu=True)
+    assert any(c.pp > 1 for c in cands) and all(c.cp == 1 for c in cands)
+
+
+def test_rl_refuses_pipeline_parallelism_with_the_field(capsys, tmp_path, monkeypatch):
+    """The RL loop (rollout engine, fused policy loss) takes the whole model: PP is refused at
+    validation, before compute, naming the field."""
+    monkeypatch.setenv("FORGE_STORE", str(tmp_path / "store"))
+    code, _, err = plan(capsys, "stages.rl-math.parallel={pipeline_parallel: 2}")
+    assert code == 2, err
+    assert "stages.rl-math.parallel: RL runs with tensor_parallel=1 and pipeline_parallel=1" in err

@@ -12,7 +12,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from stages.base import RunContext, StageInput, file_digest
+from stages.base import RunContext, StageInput
+from stages.layout import FAST_DIGEST, fast_file_digest
 from stages.data import corpus
 from stages.data.prepare import prepare_sources
 from stages.data.tokenize import tokenize_sources
@@ -105,7 +106,8 @@ def test_prepare_generated_sources(prepared, tmp_path):
     rows = {(d["name"], d["split"]): d["rows"] for d in art.datasets}
     assert rows[("web", "heldout")] == 6 and rows[("long", "heldout")] == 1
     for d in art.datasets:
-        assert d["digest"] == file_digest(d["path"]) and len(texts(d["path"])) == d["rows"]
+        assert d["digest"] == fast_file_digest(d["path"]) and d["digest_algo"] == FAST_DIGEST
+        assert len(texts(d["path"])) == d["rows"]
         assert d["source"] == f"generator:{d['name']}"
     # train + held-out is exactly the generated corpus, without overlap
     train, held = texts(prepared.path("sources/web")), texts(prepared.path("heldout/web"))
@@ -178,7 +180,7 @@ def test_tokenize_round_trip(prepared, tokenizer_stage, tmp_path):
         docs = [ds[i].copy() for i in range(len(ds))]  # ds[i] is a view of ds's mmap
         assert all(d[-1] == eod and eod not in d[:-1] for d in docs)
         assert sum(len(d) for d in docs) == entry["tokens"]
-        assert entry["digest"] == file_digest(entry["path"])
+        assert entry["digest"] == fast_file_digest(entry["path"]) and entry["digest_algo"] == FAST_DIGEST
         if entry["split"] == "train":
             assert art.metrics[f"tokens/{entry['name']}"] == entry["tokens"]
     first = texts(prepared.path("sources/math"))[0]

@@ -1,14 +1,15 @@
 """Launchers: the exact worker command per cluster config (one node, Slurm, Kubernetes), the
-scripts run against stand-in salloc/srun/scontrol/kubectl binaries (this machine has no cluster),
+scripts run against stand-in srun/scontrol/squeue/scancel/kubectl binaries (real Slurm jobs:
+tests/integration/test_slurm.py), the decisions after a Slurm job ends,
 the checks that stop a run before compute, and the cluster fields' error messages."""
 from __future__ import annotations
 
 import functools
 import json
 import os
-import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from flows import config as config_mod
 from flows.cli import main as forge
 from flows.dag import build
 from flows.launch import StageFailed, run_worker, worker_env
-from flows.launchers import (MANIFEST, check_available, job_name, kubernetes_manifest, launch_plan,
-                             worker_command)
+from flows.launchers import (DEADLINE_MARK, MANIFEST, SLURM_SCRIPT, check_available, job_name,
+                             kubernetes_manifest, launch_plan, slurm_script, worker_command)
+from flows.slurm import exit_status, verdict
 from stages.schema import ConfigError, from_dict, to_dict
 from stages.cluster import ParallelSpec
 
@@ -95,28 +97,38 @@ def test_cpu_cluster_workers_hide_the_gpus(monkeypatch):
 
 # --- Slurm ------------------------------------------------------------------------------------
 
-def test_slurm_command_takes_four_nodes_and_meets_on_the_first(tmp_path):
+def slurm_lines(script: str) -> tuple[list[str], str]:
+    """(the #SBATCH options, the srun line) of a batch script."""
+    opts = [line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return opts, next(line for line in script.splitlines() if line.startswith("srun "))
+
+
+def test_slurm_batch_script_takes_four_nodes_and_meets_on_the_first(tmp_path):
     spec = spec_in(tmp_path)
-    cmd = worker_command("torchrun", cluster("cluster=slurm"), spec)
-    assert cmd[:-1] == ["salloc", f"--job-name=forge-pretrain-1-{KEY}", "--nodes=4",
-                        "--ntasks-per-node=1", "--cpus-per-task=32", "--gpus-per-node=8",
-                        "--partition=gpu", "--account=llm-training", "--time=48:00:00",
-                        "--exclusive", "bash", "-c"]
-    assert cmd[-1] == (
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-        "exec srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 --cpus-per-task=32 "
+    out = spec.parent
+    c = cluster("cluster=slurm")
+    assert worker_command("torchrun", c, spec) == ["sbatch", "--parsable", str(out / SLURM_SCRIPT)]
+    script = slurm_script("torchrun", c, spec)
+    opts, srun = slurm_lines(script)
+    assert opts == [f"--job-name=forge-pretrain-1-{KEY}", f"--output={out}/slurm-%j.out",
+                    "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=32", "--gpus-per-node=8",
+                    "--partition=gpu", "--account=llm-training", "--time=48:00:00", "--exclusive"]
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n' + srun in script
+    assert srun == (
+        "srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 --cpus-per-task=32 "
         "--container-image=registry.example.com/granite-forge/worker:0.1.0 "
         "--container-mounts=/lustre/forge:/lustre/forge python -m torch.distributed.run --nnodes=4 "
         '--nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint="$head:29500" '
         f'--rdzv_id="$SLURM_JOB_ID" --max_restarts=0 -m stages.worker {spec}')
-    assert launch_plan(cluster("cluster=slurm"), spec) == shlex.join(cmd)
+    assert "lead=600\n" in script and "export OMP_NUM_THREADS=4\n" in script
+    plan = launch_plan(c, spec)
+    assert plan.startswith(f"# sbatch --parsable {out / SLURM_SCRIPT}\n") and plan.endswith(script)
 
 
-FAKE_SALLOC = """\
-while sys.argv[1].startswith("-"):
-    sys.argv.pop(1)
-os.environ.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[017-020]")
-os.execvp(sys.argv[1], sys.argv[1:])
+FAKE_SRUN = """\
+print("[pretrain-1] step 1/10 loss 3.25", flush=True)
+import time; time.sleep(float(os.environ.get("FAKE_STEP_S", "0")))
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 FAKE_SCONTROL = """\
 import signal
@@ -124,66 +136,122 @@ signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head -n 1` closes the pipe: 
 assert sys.argv[1:] == ["show", "hostnames", "gpu[017-020]"], sys.argv
 print("gpu017\\ngpu018\\ngpu019\\ngpu020")
 """
-FAKE_SRUN = """\
-print("[pretrain-1] step 1/10 loss 3.25", flush=True)
-sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+FAKE_SQUEUE = """\
+import time
+print(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(float(os.environ["FAKE_END"]))))
+"""
+FAKE_SCANCEL = """\
+if sys.argv[1:] == [os.environ["SLURM_JOB_ID"]]:   # a plain scancel ends the job's script at once
+    os.kill(os.getppid(), 15)
 """
 
 
-def test_slurm_script_expands_the_first_node_and_job_id_in_the_allocation(tmp_path, monkeypatch):
-    """The script really runs (bash, stand-in salloc/scontrol/srun): srun gets one argv per
-    argument, a store path with a space intact, and the rendezvous on the first node."""
-    log = fake_bin(tmp_path, monkeypatch, salloc=FAKE_SALLOC, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN)
+def run_batch_script(tmp_path: Path, monkeypatch, left_s: float = 3600, **env: str):
+    """Run a stage's batch script as the job would, ``left_s`` before its end time."""
+    log = fake_bin(tmp_path, monkeypatch, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN,
+                   squeue=FAKE_SQUEUE, scancel=FAKE_SCANCEL)
     spec = spec_in(tmp_path / "my store")
-    done = subprocess.run(worker_command("torchrun", cluster("cluster=slurm"), spec),
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    script = spec.with_name(SLURM_SCRIPT)
+    script.write_text(slurm_script("torchrun", cluster("cluster=slurm"), spec))
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SLURM_JOB_ID": "4242",
+                               "SLURM_JOB_NODELIST": "gpu[017-020]",
+                               "FAKE_END": str(time.time() + float(left_s)), **env})
+    return done, log, spec
+
+
+def test_slurm_batch_script_expands_the_first_node_and_job_id_in_the_job(tmp_path, monkeypatch):
+    """The script really runs (bash, stand-in scontrol/srun/squeue/scancel): srun gets one argv per
+    argument, a store path with a space intact, and the rendezvous on the first node; the exit
+    status is the worker's; far from its time limit nothing is signalled."""
+    done, log, spec = run_batch_script(tmp_path, monkeypatch, FAKE_EXIT="3")
+    assert done.returncode == 3, done.stderr
     assert calls(log, "srun") == [[
         "--kill-on-bad-exit=1", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=32",
         "--container-image=registry.example.com/granite-forge/worker:0.1.0",
         "--container-mounts=/lustre/forge:/lustre/forge", "python", "-m", "torch.distributed.run",
         "--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu017:29500",
         "--rdzv_id=4242", "--max_restarts=0", "-m", "stages.worker", str(spec)]]
+    assert calls(log, "scancel") == []
+
+
+def test_slurm_deadline_watch_stops_the_worker_lead_seconds_before_the_end(tmp_path, monkeypatch):
+    """600 + 1 s before the end time squeue reports, the watch SIGTERMs the job's steps (the
+    worker checkpoints) and says so in the output, which is how forge tells a chain's stop."""
+    done, log, _ = run_batch_script(tmp_path, monkeypatch, left_s=601.5, FAKE_STEP_S="3")
+    assert calls(log, "squeue")[0] == ["-h", "-j", "4242", "-o", "%e"]
+    assert calls(log, "scancel") == [["--signal=TERM", "4242"]]
+    assert f"{DEADLINE_MARK}: Slurm job 4242 ends at " in done.stdout
+
+
+def test_slurm_job_stopped_by_forge_cancels_itself(tmp_path, monkeypatch):
+    """forge leaves slurm-<id>.cancel before it signals the worker: once the worker has
+    checkpointed and exited, the script ends its own job as CANCELLED (not FAILED)."""
+    (tmp_path / "my store" / f"pretrain-1-{KEY}").mkdir(parents=True)
+    (tmp_path / "my store" / f"pretrain-1-{KEY}" / "slurm-4242.cancel").write_text("{}")
+    done, log, _ = run_batch_script(tmp_path, monkeypatch, FAKE_EXIT="143")
+    assert calls(log, "scancel") == [["4242"]]
+    assert done.returncode == -15   # cancelled by Slurm, not ended with the worker's code
 
 
 def test_slurm_one_node_layout_runs_torchrun_standalone(tmp_path):
     spec = spec_in(tmp_path)
-    cmd = worker_command("torchrun", cluster("cluster=slurm", "cluster.data_parallel=4"), spec)
-    assert cmd[2:6] == ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=32", "--gpus-per-node=8"]
-    assert cmd[-1].startswith("exec srun --kill-on-bad-exit=1 --nodes=1 ")
-    assert cmd[-1].endswith("python -m torch.distributed.run --standalone --nproc_per_node=8 "
-                            f"--max_restarts=0 -m stages.worker {spec}")
+    opts, srun = slurm_lines(slurm_script("torchrun", cluster("cluster=slurm",
+                                                              "cluster.data_parallel=4"), spec))
+    assert opts[2:6] == ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=32",
+                         "--gpus-per-node=8"]
+    assert srun.startswith("srun --kill-on-bad-exit=1 --nodes=1 ")
+    assert srun.endswith("python -m torch.distributed.run --standalone --nproc_per_node=8 "
+                         f"--max_restarts=0 -m stages.worker {spec}")
 
 
 def test_slurm_single_process_stage_takes_one_task_and_one_gpu(tmp_path):
     spec = spec_in(tmp_path, "data")
-    cmd = worker_command("python", cluster("cluster=slurm"), spec)
-    assert cmd[:5] == ["salloc", f"--job-name=forge-data-{KEY}", "--nodes=1", "--ntasks-per-node=1",
-                       "--cpus-per-task=4"]
-    assert "--gpus-per-node=1" in cmd
-    assert cmd[-1].startswith("exec srun --kill-on-bad-exit=1 --nodes=1 ")
-    assert cmd[-1].endswith(f"python -m stages.worker {spec}")
+    opts, srun = slurm_lines(slurm_script("python", cluster("cluster=slurm"), spec))
+    assert opts[:5] == [f"--job-name=forge-data-{KEY}", f"--output={spec.parent}/slurm-%j.out",
+                        "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=4"]
+    assert "--gpus-per-node=1" in opts
+    assert srun.startswith("srun --kill-on-bad-exit=1 --nodes=1 ")
+    assert srun.endswith(f"python -m stages.worker {spec}")
 
 
-def test_slurm_stage_through_run_worker_streams_srun_and_reports_its_exit(tmp_path, monkeypatch):
-    fake_bin(tmp_path, monkeypatch, salloc=FAKE_SALLOC, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN)
-    out = tmp_path / "store" / f"pretrain-1-{KEY}"
-    shown: list[str] = []
-    run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {"kind": "pretrain"}, out,
-               shown.append)
-    assert shown == ["[pretrain-1] step 1/10 loss 3.25"]
-    assert "[pretrain-1] step 1/10 loss 3.25" in (out / "worker.log").read_text()
-    monkeypatch.setenv("FAKE_EXIT", "3")
-    with pytest.raises(StageFailed) as failed:
-        run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {}, out, shown.append)
-    assert failed.value.code == 3
+JOB = {"job_id": "7", "state": "COMPLETED", "exit_code": "0:0", "reason": "None", "stopped_by": ""}
+
+
+@pytest.mark.parametrize("job, progressed, jobs, what, why", [
+    ({}, False, 1, "done", "Slurm job 7 COMPLETED, exit code 0:0"),
+    ({"state": "FAILED", "exit_code": "1:0", "reason": "NonZeroExitCode"}, True, 1, "failed",
+     "Slurm job 7 FAILED, exit code 1:0, reason NonZeroExitCode"),
+    ({"state": "OUT_OF_MEMORY", "exit_code": "0:125"}, True, 1, "failed",
+     "Slurm job 7 OUT_OF_MEMORY, exit code 0:125"),
+    # the deadline watch stopped it (torchrun exits 1 after the ranks' 143): the chain goes on
+    ({"state": "FAILED", "exit_code": "1:0", "stopped_by": "time limit"}, True, 3, "next",
+     "Slurm job 7 FAILED, exit code 1:0 at its time limit after a new checkpoint"),
+    ({"state": "TIMEOUT", "exit_code": "0:15"}, True, 1, "next", "Slurm job 7 TIMEOUT"),
+    ({"state": "PREEMPTED", "exit_code": "0:15"}, True, 1, "next", "Slurm job 7 PREEMPTED"),
+    ({"state": "TIMEOUT", "exit_code": "0:15"}, False, 1, "failed",
+     "stopped at its time limit without a new checkpoint; raise cluster.slurm.time or lower "
+     "cluster.slurm.signal_lead_s"),
+    ({"state": "TIMEOUT", "exit_code": "0:15"}, True, 5, "failed",
+     "the stage has taken 5 jobs, cluster.slurm.max_jobs"),
+    ({"state": "CANCELLED", "exit_code": "0:15", "stopped_by": "forge SIGTERM"}, True, 1,
+     "stopped", "stopped by forge SIGTERM"),
+])
+def test_slurm_verdict_after_a_job(job, progressed, jobs, what, why):
+    got_what, got_why = verdict(dict(JOB, **job), progressed, jobs, max_jobs=5)
+    assert (got_what, why in got_why) == (what, True), got_why
+
+
+def test_slurm_exit_status_reads_code_and_signal():
+    assert [exit_status(c) for c in ("0:0", "1:0", "0:15", "0:9", "")] == [0, 1, 143, 137, 0]
 
 
 def test_slurm_without_its_tools_fails_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     out = tmp_path / f"pretrain-1-{KEY}"
-    with pytest.raises(ConfigError, match=r"^cluster\.launcher: slurm needs salloc, srun, scontrol "
-                                          r"on PATH; run forge on a Slurm login node"):
+    with pytest.raises(ConfigError, match=r"^cluster\.launcher: slurm needs sbatch, squeue, "
+                                          r"scontrol, scancel on PATH; run forge on a Slurm login"):
         run_worker("pretrain-1", "torchrun", cluster("cluster=slurm"), {}, out, print)
     assert not out.exists()
 
@@ -300,7 +368,9 @@ def test_k8s_without_kubectl_or_api_access_fails_with_the_reason(tmp_path, monke
 def test_generated_scripts_are_valid_bash(tmp_path):
     for launcher, overrides in (("torchrun", ("cluster=slurm",)), ("python", ("cluster=slurm",)),
                                 ("torchrun", ("cluster=k8s",))):
-        script = worker_command(launcher, cluster(*overrides), spec_in(tmp_path))[-1]
+        c = cluster(*overrides)
+        script = (slurm_script(launcher, c, spec_in(tmp_path)) if c.launcher == "slurm"
+                  else worker_command(launcher, c, spec_in(tmp_path))[-1])
         done = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
         assert done.returncode == 0, (overrides, done.stderr)
 
@@ -316,7 +386,12 @@ def test_generated_scripts_are_valid_bash(tmp_path):
     (["cluster=slurm", "cluster.slurm.container_image="],
      r"^cluster\.slurm\.container_mounts: mounts are given but no container_image"),
     (["cluster=slurm", "cluster.slurm.extra_args=[exclusive]"],
-     r"^cluster\.slurm\.extra_args: 'exclusive' is not an salloc option"),
+     r"^cluster\.slurm\.extra_args: 'exclusive' is not an sbatch option"),
+    (["cluster=slurm", "cluster.slurm.extra_args=['--time=10']"],
+     r"^cluster\.slurm\.extra_args: '--time=10' is set by forge .* the time limit from slurm\.time"),
+    (["cluster=slurm", "cluster.slurm.time=00:10:00", "cluster.slurm.signal_lead_s=600"],
+     r"^cluster\.slurm\.signal_lead_s: 600 s is not less than the time limit 00:10:00 \(600 s\)"),
+    (["cluster=slurm", "cluster.slurm.max_jobs=0"], r"^cluster\.slurm\.max_jobs: must be >= 1"),
     (["cluster=k8s", "cluster.kubernetes.image="],
      r"^cluster\.kubernetes\.image: required with launcher=kubernetes"),
     (["cluster=k8s", "cluster.kubernetes.namespace=Forge_NS"],
