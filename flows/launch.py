@@ -38,12 +38,11 @@ import subprocess
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from flows.launchers import (StageFailed, check_available, prepare, settings_env, worker_command,
-                             worth_showing as _worth_showing)
+from flows.launchers import (StageFailed, WorkerLog, check_available, prepare, settings_env,
+                             worker_command)
 from flows.live_workers import kill_all, live, stop_all
 from stages.cluster import ParallelSpec
 
@@ -135,18 +134,11 @@ def run_worker(stage: str, launcher: str, cluster: ParallelSpec, spec: dict, out
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
     prepare(launcher, cluster, spec_path)
     log_path = out_dir / "worker.log"
-    tail: deque[str] = deque(maxlen=20)
     cmd = worker_command(launcher, cluster, spec_path)
     with open(log_path, "a") as logfile:
-        logfile.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-        logfile.flush()
-
-        def show(line: str) -> None:
-            logfile.write(line + "\n")
-            logfile.flush()
-            tail.append(line)
-            if _worth_showing(line):
-                log(line)
+        sink = WorkerLog(logfile, log)
+        sink.header(" ".join(cmd))
+        show, tail = sink.show, sink.tail
 
         token = uuid.uuid4().hex   # marks every process of this worker, wherever it moves
         env = dict(worker_env(cluster), **{TOKEN_VAR: token})

@@ -25,6 +25,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,27 @@ class StageFailed(RuntimeError):
 def worth_showing(line: str) -> bool:
     """Progress and errors of a worker go to the console; library chatter stays in worker.log."""
     return line.startswith("[") or "Error" in line or "error:" in line
+
+
+class WorkerLog:
+    """A worker's output, however it runs: every line to worker.log (``fh``), progress and errors
+    to ``log`` (Prefect's run logger), the last 20 kept for a failure's tail."""
+
+    def __init__(self, fh: Any, log: Any):
+        self.fh, self.log = fh, log
+        self.tail: deque[str] = deque(maxlen=20)
+
+    def header(self, text: str) -> None:
+        """An attempt's first line in worker.log: ``--- time what``."""
+        self.fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.fh.flush()
+
+    def show(self, line: str) -> None:
+        self.fh.write(line + "\n")
+        self.fh.flush()
+        self.tail.append(line)
+        if worth_showing(line):
+            self.log(line)
 
 
 def settings_env(cluster: Any) -> dict[str, str]:

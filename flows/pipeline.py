@@ -123,8 +123,8 @@ def run_stage(stage: str, key: str, out_dir: str, run_file: str, parent_run: str
                 else contextlib.nullcontext())
         try:
             with tail:
-                for part in node.kind_cls.parts(node.config):   # a fan-out: its parts first
-                    run_part(stage, part, run_file, retry=dag.pipeline.stages[stage].retry)
+                run_parts(stage, node.kind_cls.parts(node.config), run_file,   # a fan-out first
+                          dag.pipeline.stages[stage].retry, parts_at_once(node, cluster))
                 run_worker(stage, node.kind_cls.launcher, cluster, spec, node.out_dir, logger.info)
             artifact = read_artifact(node.out_dir)
             if artifact is None or artifact.key != key:
@@ -184,6 +184,34 @@ def stage_part(stage: str, part: str, run_file: str) -> dict:
                           folder / "worker.log")
     logger.info(f"{stage}: {part} done in {time.time() - started:.1f}s")
     return {"part": part, "executed": True, "record": done}
+
+
+def parts_at_once(node: Node, cluster: Any) -> int:
+    """How many of a fan-out's parts run at once: 1 (in order) unless the kind's parts are
+    independent; then all of them where each is a cluster job (the cluster queues them), else up
+    to ``max_parallel_stages``."""
+    if not node.kind_cls.parts_together:
+        return 1
+    if cluster.device_budget is None:
+        return max(1, len(node.kind_cls.parts(node.config)))
+    return cluster.max_parallel_stages
+
+
+def run_parts(stage: str, parts: tuple[str, ...], run_file: str, retry: Any, at_once: int) -> None:
+    """The parts in order, ``at_once`` at a time, each its own task run; once a batch has ended,
+    the first failed part's error is raised (the parts done stay done)."""
+    options = {"retries": retry.retries, "retry_delay_seconds": retry.delay_s} if retry else {}
+    for i in range(0, len(parts), max(1, at_once)):
+        batch = parts[i:i + max(1, at_once)]
+        if len(batch) == 1:
+            run_part(stage, batch[0], run_file, retry)
+            continue
+        futures = [stage_part.with_options(task_run_name=f"{stage}/{part}", **options).submit(
+            stage, part, run_file) for part in batch]
+        for future in futures:
+            future.wait()
+        for future in futures:
+            future.result()   # raises the part's own error (StageFailed with its log tail)
 
 
 def run_part(stage: str, part: str, run_file: str, retry: Any = None) -> dict:

@@ -46,12 +46,11 @@ import re
 import signal
 import subprocess
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from flows.launchers import (CANCEL_SUFFIX, DEADLINE_MARK, SLURM_SCRIPT, StageFailed,
-                             check_available, prepare, slurm_command, slurm_output, worth_showing)
+from flows.launchers import (CANCEL_SUFFIX, DEADLINE_MARK, SLURM_SCRIPT, StageFailed, WorkerLog,
+                             check_available, prepare, slurm_command, slurm_output)
 from flows.live_workers import live
 from stages.layout import SLURM_JOBS, WORKER_LOG, newest_checkpoint
 
@@ -290,20 +289,11 @@ def run_job(stage: str, launcher: str, cluster: Any, spec: dict, out_dir: Path,
     spec_path, log_path = out_dir / "spec.json", out_dir / WORKER_LOG
     script = out_dir / SLURM_SCRIPT
     s = cluster.slurm
-    tail: deque[str] = deque(maxlen=20)
     jobs = read_jobs(out_dir)
     job = _live(out_dir, jobs, script)
     with open(log_path, "a") as logfile:
-        def show(line: str) -> None:
-            logfile.write(line + "\n")
-            logfile.flush()
-            tail.append(line)
-            if worth_showing(line):
-                log(line)
-
-        def header(text: str) -> None:
-            logfile.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-            logfile.flush()
+        sink = WorkerLog(logfile, log)
+        show, header, tail = sink.show, sink.header, sink.tail
 
         if job is not None:
             header(f"re-attached to Slurm job {job['job_id']} ({script})")

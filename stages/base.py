@@ -128,6 +128,9 @@ class StageKind:
     launcher: ClassVar[str] = "python"
     makes_model: ClassVar[bool] = False
     built: ClassVar[bool] = True
+    # The parts (``parts``) do not depend on each other: they run at once, each a job of its own
+    # on a cluster (up to ``cluster.max_parallel_stages`` at a time under torchrun).
+    parts_together: ClassVar[bool] = False
     not_built_reason: ClassVar[str] = ""
 
     @classmethod

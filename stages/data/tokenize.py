@@ -201,6 +201,7 @@ class Tokenize(StageKind):
     name = "tokenize"
     Config = TokenizeConfig
     parent_fields = ("data", "tokenizer")
+    parts_together = True   # row ranges of the sources: independent until the gather
 
     @classmethod
     def check(cls, config: TokenizeConfig, stage: str, graph: StageGraph, cluster: Any) -> None:

@@ -13,7 +13,7 @@ from flows import runner
 from flows.config import typed
 from flows.dag import build
 from stages.layout import FAILURE_FILE, part_record
-from tests.support.kinds import Fanout  # noqa: F401  (registers the kind)
+from tests.support.kinds import Fanout, FanoutTogether  # noqa: F401  (registers the kinds)
 
 
 def pipeline(store, fail_if):
@@ -61,3 +61,23 @@ def test_a_failed_part_keeps_the_done_ones_and_the_rerun_runs_only_the_rest(tmp_
     assert runs["fan/part-0"] == ["COMPLETED", "COMPLETED"]          # run, then cached on disk
     assert sorted(runs["fan/part-1"]) == ["COMPLETED", "FAILED"]
     assert runs["fan/part-2"] == ["COMPLETED"]
+
+
+def test_independent_parts_run_at_once_up_to_the_limit_and_gather_in_order(tmp_path,
+                                                                           prefect_server):
+    """tokenize's shards are independent (``parts_together``): they run as task runs side by
+    side, ``cluster.max_parallel_stages`` at a time under torchrun (each is a job of its own on a
+    cluster); the gather reads them in order. Limit 2, three parts: two overlap, the third waits."""
+    store = tmp_path / "store"
+    stages = {"fan": {"kind": "fanout-together", "parts": 3}}
+    config = {"pipeline_name": "fanout", "store": str(store), "stages": stages,
+              "cluster": {"max_parallel_stages": 2}}
+    prep = runner.prepare_dag(build(typed(config)))
+    runner.execute(prep, say=lambda line: None)
+    out = prep.dag.nodes["fan"].out_dir
+    assert (out / "joined.txt").read_text() == "part-0,part-1,part-2"
+    spans = {p: (part_record(out, p)["started"], part_record(out, p)["ended"])
+             for p in ("part-0", "part-1", "part-2")}
+    first, second, third = spans["part-0"], spans["part-1"], spans["part-2"]
+    assert min(first[1], second[1]) > max(first[0], second[0])          # the first two overlap
+    assert third[0] >= max(first[1], second[1])                         # the third waited

@@ -3,6 +3,7 @@ reaches the orchestrator only through ``stages.register`` and the StageKind hook
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,24 @@ class Fanout(StageKind):
 
 
 register(Fanout)
+
+
+class FanoutTogether(Fanout):
+    """Independent parts (``parts_together``, as tokenize's shards): each also records when it
+    ran, and takes 1.5 s, so that parts run at once overlap."""
+    name = "fanout-together"
+    parts_together = True
+
+    @classmethod
+    def run_part(cls, config: FanoutConfig, inputs: dict[str, StageInput], out_dir: Path,
+                 ctx: RunContext, part: str) -> dict:
+        started = time.time()
+        time.sleep(1.5)
+        return {**super().run_part(config, inputs, out_dir, ctx, part), "started": started,
+                "ended": time.time()}
+
+
+register(FanoutTogether)
 
 
 def mark_rl_unbuilt(monkeypatch) -> None:
