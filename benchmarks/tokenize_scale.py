@@ -158,7 +158,7 @@ def merge_rates(inputs: dict, work: Path, pieces: int, tok_path: Path, eod: int,
     xxh3-128 and sha256 GB/s over the merged file (page cache)."""
     import pyarrow.parquet as pq
 
-    from stages.data import tokenize_shards as ts
+    from stages.data import indexed_files, tokenize_shards as ts
     from stages.layout import fast_file_digest
     path = inputs["data"].path("sources/code")
     o = ts.Output("tokens/code", str(path), pq.ParquetFile(path).metadata.num_rows)
@@ -167,11 +167,11 @@ def merge_rates(inputs: dict, work: Path, pieces: int, tok_path: Path, eod: int,
     ps = ts.plan_pieces([o], tmp, pieces=pieces)
     ts.run_pieces(ps, tok_path, eod, dtype, pieces, lambda i, w: None)
     target = tmp / "merged"
-    with ts.frozen_heap():
+    with indexed_files.frozen_heap():
         t0 = time.perf_counter()
-        ts.merge([p.prefix for p in ps], target, dtype, masked=False)
+        indexed_files.merge([p.prefix for p in ps], target, dtype, masked=False)
         merge_s = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in ts.files(target, False))
+    size = sum(f.stat().st_size for f in indexed_files.files(target, False))
     bin_path = Path(str(target) + ".bin")
     t0 = time.perf_counter()
     fast_file_digest(bin_path)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import signal
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dag import Dag, Node
-from flows.failures import clear_failure, write_failure
+from flows.failures import attempt_failure, clear_failure, write_failure
 from flows.launch import StageFailed, forward_stop_signals, run_worker, stage_lock, stop_requested
 from flows.live_workers import stop_all
 from flows.scheduler import Schedule, next_to_start, schedule_for, why_not_run
@@ -84,8 +84,11 @@ def create_prefect_db() -> None:
 
 
 def cache_key(context: TaskRunContext, params: dict[str, Any]) -> str:
-    """The stage's identity key. A hit is checked against artifact.json by the flow."""
-    return f"forge-{params['key']}"
+    """The stage's identity key, scoped to its output folder: Prefect's result storage can be
+    shared by stores (a work pool's worker keeps its own PREFECT_HOME), and the same stage in
+    another store is not this one. A hit is checked against artifact.json by the flow."""
+    where = hashlib.blake2b(params["out_dir"].encode(), digest_size=6).hexdigest()
+    return f"forge-{params['key']}-{where}"
 
 
 @task(persist_result=True, cache_key_fn=cache_key, result_serializer="json")
@@ -221,43 +224,6 @@ def run_part(stage: str, part: str, run_file: str, retry: Any = None) -> dict:
     state = stage_part.with_options(task_run_name=f"{stage}/{part}", **options)(
         stage, part, run_file, return_state=True)
     return state.result()   # raises the part's own error (StageFailed with its log tail)
-
-
-def attempt_failure(e: BaseException, log_path: Path) -> tuple[int, list[str], Path]:
-    """failure.json's exit code, lines and log for an attempt that ``e`` ended: the worker's own
-    for StageFailed; 128 + signal for a SIGINT or SIGTERM to forge (KeyboardInterrupt, forge's
-    runner.Stopped, Prefect's TerminationSignal), which the worker got too and checkpointed on;
-    1 for an error in this process. The lines: the end of worker.log, then forge's word."""
-    if isinstance(e, StageFailed):
-        return e.code, list(e.tail), e.log_path
-    tail = _log_tail(log_path)
-    signum = getattr(e, "signum", None) or getattr(e, "signal", None)
-    if signum is None and isinstance(e, KeyboardInterrupt):
-        signum = signal.SIGINT
-    if isinstance(signum, int) and signum > 0:
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        return 128 + signum, tail + [f"[forge] stopped by {name}; the stage resumes from its newest "
-                                     "checkpoint when it runs again"], log_path
-    return 1, tail + [f"[forge] {line}" for line in
-                      "".join(traceback.format_exception_only(type(e), e)).splitlines()], log_path
-
-
-def _log_tail(log_path: Path, progress: int = 6, last: int = 12) -> list[str]:
-    """The end of the last attempt in worker.log: its last ``progress`` lines of the worker's own
-    (``[stage] ...``: where it stopped, what it saved) and its last ``last`` lines (a launcher's
-    traceback can be longer than everything else)."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    starts = [i for i, line in enumerate(lines) if line.startswith("--- ")]
-    lines = lines[starts[-1] + 1:] if starts else lines
-    keep = {i for i, line in enumerate(lines) if line.startswith("[")}
-    keep = set(sorted(keep)[-progress:]) | set(range(max(0, len(lines) - last), len(lines)))
-    return [lines[i] for i in sorted(keep)]
 
 
 def record(node: Node, executed: bool, mlflow_run: str | None = None, seconds: float = 0.0,

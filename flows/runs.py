@@ -9,6 +9,7 @@ config (not from today's conf/): finished stages are cached, unfinished ones res
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +53,7 @@ class RunRecord:
     @property
     def state(self) -> str:
         state = self.status.get("status", "unknown")
-        if state == "running" and not _alive(self.status.get("pid")):
+        if state == "running" and not alive(self.status.get("pid")):
             return "died"       # the orchestrator was killed before it could say so
         return state
 
@@ -72,13 +73,17 @@ def run_dag(run_file: Path, spec: dict) -> Dag:
     return build(typed(resolved, tuple(spec.get("overrides", ()))))
 
 
-def _alive(pid) -> bool:
+def alive(pid) -> bool:
+    """Whether process ``pid`` lives (a zombie does not: it has exited, unreaped)."""
     if not pid:
         return False
     try:
         os.kill(int(pid), 0)
     except (OSError, ValueError):
         return False
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
     return True
 
 

@@ -18,7 +18,7 @@
   seeing the file, cancels its own job (state CANCELLED); ``kill()`` is a plain ``scancel``. A
   signal or an error in this process stops the job and waits for it (at most ``signal_lead_s``,
   the time a save is sized for; a second signal kills it). ``forge cancel RUN_ID`` does the same
-  for a run whose orchestrator is gone (``cancel_run``).
+  for a run whose orchestrator is gone (``flows/cancel.py``).
 - Failure: a job that ends other than COMPLETED with exit 0 (FAILED, NODE_FAIL, OUT_OF_MEMORY, ...)
   raises ``StageFailed`` whose tail (failure.json) names the job id, state, exit code and Slurm's
   reason, after the end of the job's output.
@@ -358,57 +358,3 @@ def _stop_and_wait(handle: SlurmJob, output: _Output, show: Callable[[str], None
     except BaseException:
         handle.kill()
         raise
-
-
-# --- forge cancel -------------------------------------------------------------------------------
-
-def _running(pid: Any) -> bool:
-    """Whether process ``pid`` lives (a zombie does not: it has exited, unreaped)."""
-    from flows.runs import _alive
-    if not _alive(pid):
-        return False
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    return True
-
-
-def cancel_run(run: Any, say: Callable[[str], None] = print, wait_s: float = 600) -> int:
-    """Cancel a run (a flows/runs.py RunRecord): a live orchestrator gets SIGTERM (it stops its
-    jobs and records the run cancelled); without one, each stage's live Slurm job is stopped
-    here (checkpoint, then CANCELLED) and the run recorded cancelled. Waits up to ``wait_s`` for
-    the jobs to end; 0 when all did."""
-    from flows.runs import write_status
-    pid = run.status.get("pid")
-    orchestrator = run.status.get("status") == "running" and _running(pid)
-    live_jobs = []
-    for node in run.dag().nodes.values():
-        jobs = read_jobs(node.out_dir)
-        if jobs and "state" not in jobs[-1]:
-            info = job_info(jobs[-1]["job_id"])
-            if info is not None and info["state"] not in ENDED:
-                live_jobs.append((node.out_dir, jobs[-1]["job_id"]))
-    if orchestrator:
-        os.kill(int(pid), signal.SIGTERM)
-        say(f"forge cancel: sent SIGTERM to the orchestrator of run {run.run_id} (pid {pid}); it "
-            "stops its jobs and records the run as cancelled")
-    else:
-        for out_dir, job_id in live_jobs:
-            request_stop(out_dir, job_id)
-            say(f"forge cancel: Slurm job {job_id} ({out_dir.name}) asked to checkpoint and stop")
-        if run.status.get("status") not in ("completed", "failed"):
-            write_status(run.path, "cancelled", by="forge cancel")
-    deadline = time.monotonic() + wait_s
-    left = live_jobs
-    while left and time.monotonic() < deadline:
-        time.sleep(1.0)
-        left = [(d, j) for d, j in left if (job_info(j) or {"state": "UNKNOWN"})["state"] not in ENDED]
-    for out_dir, job_id in live_jobs:
-        info = job_info(job_id) or {"state": "UNKNOWN"}
-        say(f"  Slurm job {job_id} ({out_dir.name}): {info['state']}")
-    if orchestrator:
-        while _running(pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    if not live_jobs and not orchestrator:
-        say(f"forge cancel: run {run.run_id} has no live orchestrator and no live Slurm job")
-    return 1 if left else 0

@@ -48,7 +48,7 @@ def write_documents(prefix: Path, documents: Iterable[tuple[Any, Any]], dtype,
     """Write ``(ids, loss_mask)`` pairs (EOD included in ``ids``) as ``<prefix>.bin/.idx`` and, when
     ``masked``, the loss mask companion (``loss_mask_prefix``: one uint8 per token, 1 where the
     token's prediction counts); return (documents, tokens). Shared by tokenize and sft."""
-    from stages.data.tokenize_shards import write_hashed
+    from stages.data.indexed_files import write_hashed
     written = write_hashed(Path(prefix), documents, dtype, masked)
     return written.docs, written.tokens
 

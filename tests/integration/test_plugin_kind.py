@@ -88,3 +88,43 @@ def test_a_run_builds_and_plans_once_and_asks_mlflow_once_per_cached_stage(tmp_p
     from mlflow import MlflowClient
     tags = MlflowClient(prep.dag.pipeline.tracking_uri).get_run(result["parent_run"]).data.tags
     assert tags["forge.cached.first"] == result["stages"]["first"]["mlflow_run"]
+
+
+def task_run_states(name: str) -> list[str]:
+    """The states of the Prefect task runs called ``name``, oldest first."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+            return [r.state.name for r in runs]
+    return asyncio.run(read())
+
+
+def test_prefects_cache_is_per_output_folder_and_artifact_json_is_the_truth(tmp_path, prefect_server):
+    """Stores that share Prefect's result storage (one server, one PREFECT_HOME) do not serve each
+    other's stages: the same stage in a second store runs without a cache hit. And a cache record
+    whose artifact.json is gone is not trusted: the stage runs again."""
+    name = f"probe-{tmp_path.name}"   # task runs of this test alone
+    stages = {name: {"kind": "echo", "text": "probe"}}
+
+    def run(store):
+        dag = build(typed({"pipeline_name": "plugin", "store": str(store), "stages": stages}))
+        return runner.execute(runner.prepare_dag(dag), say=lambda line: None), dag.nodes[name]
+
+    (first, node_a), (second, node_b) = run(tmp_path / "a"), run(tmp_path / "b")
+    assert node_a.key == node_b.key and node_a.out_dir != node_b.out_dir
+    assert first["stages"][name]["executed"] and second["stages"][name]["executed"]
+    assert task_run_states(name) == ["Completed", "Completed"]   # store b: no hit on a's record
+
+    (node_b.out_dir / "artifact.json").unlink()     # Prefect still holds b's cache record
+    third, _ = run(tmp_path / "b")
+    assert third["stages"][name]["executed"]
+    assert (node_b.out_dir / "artifact.json").exists()
+    assert task_run_states(name) == ["Completed", "Completed", "Cached", "Completed"]

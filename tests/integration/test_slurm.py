@@ -16,7 +16,11 @@ launcher is not an identity field: the same keys). One Prefect server serves eve
   CANCELLED (sacct); nothing is left in squeue, the run is cancelled, and `forge resume` continues
   from that checkpoint in a second job;
 - cancel without an orchestrator: forge is SIGKILLed, `forge cancel RUN_ID` stops its job itself
-  (a checkpoint, then CANCELLED) and records the run cancelled.
+  (a checkpoint, then CANCELLED) and records the run cancelled;
+- adoption: forge is SIGKILLed between `sbatch --hold` and writing the job into slurm-jobs.json
+  (an `sbatch` first on PATH kills its caller once the real one has answered); `forge resume`
+  finds the held job by its script, records it as adopted, releases it and completes with it:
+  one job, never a second.
 """
 from __future__ import annotations
 
@@ -238,3 +242,35 @@ def test_cancel_without_an_orchestrator_stops_the_jobs_itself(store, env, slurm)
     assert "stopped by SIGTERM after step" in (out / f"slurm-{job}.out").read_text()
     status = json.loads((store / "runs" / f"{rid}.status.json").read_text())
     assert status["status"] == "cancelled"
+
+
+def test_a_held_job_that_forge_did_not_record_is_adopted_not_submitted_again(store, env, slurm,
+                                                                             tmp_path):
+    import shutil
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f"out=$({shutil.which('sbatch')} \"$@\") || exit $?\n"
+        "kill -9 $PPID   # forge dies before it can record the job\n"
+        "sleep 5\n"
+        "echo \"$out\"\n")
+    (shim / "sbatch").chmod(0o755)
+    steps = 20
+    crashing = dict(env, PATH=f"{shim}:{os.environ['PATH']}")
+    proc = start(pretrain(steps), store, crashing)
+    text = finish(proc, 120)
+    assert proc.returncode == -signal.SIGKILL, text[-3000:]
+    out = stage_dir(store, steps * STEP_TOKENS)
+    assert not (out / "slurm-jobs.json").exists() or jobs(out) == []
+    held = slurm.queue()
+    assert held.endswith(" PENDING"), held    # held: it never ran unrecorded
+    job = held.split()[0]
+
+    done = forge("resume", run_id(text), store=store, env=env)
+    assert f"re-attached to Slurm job {job}" in done.stdout + done.stderr
+    record = jobs(out)
+    assert [(j["job_id"], j.get("adopted"), j["state"]) for j in record] == [(job, True, "COMPLETED")]
+    assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            ] == list(range(1, steps + 1))
+    assert slurm.queue() == ""

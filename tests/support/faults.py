@@ -271,13 +271,16 @@ class Lab:
         write_spec(out, STAGE, config or CONFIG, {"tokenize": self.data}, cluster)
         return out
 
-    def moment(self, in_save: bool) -> tuple[int, float]:
+    def moment(self, in_save: bool, steps_left: int = 1) -> tuple[int, float]:
         """(step, delay): after the log line of ``step`` (0: the start-up line), wait ``delay`` s.
-        ``in_save``: a step a save follows, within that save's measured duration."""
+        ``in_save``: a step a save follows, within that save's measured duration.
+        ``steps_left``: at least this many steps follow ``step`` (a stop signal must land while
+        the stage trains: one after the last step finds the stage complete, and it exits 0)."""
         if in_save:
             return EVERY * int(self.rng.integers(1, STEPS // EVERY + 1)), float(
                 self.rng.uniform(0, self.save_s))
-        return int(self.rng.integers(0, STEPS)), float(self.rng.uniform(0, 2 * self.step_s))
+        return (int(self.rng.integers(0, STEPS + 1 - steps_left)),
+                float(self.rng.uniform(0, 2 * self.step_s)))
 
     def rerun(self, out: Path, trial: Trial, expect_from: int | None, nproc: int = 1,
               reference: FinalState | None = None) -> str:
@@ -339,7 +342,7 @@ class Lab:
         it must finish the step, save it, exit 143; the rerun starts at that very step."""
         t0, trial = time.time(), Trial("SIGTERM")
         out = self.fresh("term")
-        step, delay = self.moment(False)
+        step, delay = self.moment(False, steps_left=4)
         proc = worker(out / "spec.json")
         if proc.wait_for(trigger(step)):
             time.sleep(delay)
@@ -370,7 +373,7 @@ class Lab:
         import psutil
         t0, trial = time.time(), Trial("SIGTERM to the orchestrator")
         out = self.fresh("orchestrator")
-        step, delay = self.moment(False)
+        step, delay = self.moment(False, steps_left=4)
         orch = Proc([sys.executable, "-c", ORCHESTRATOR, str(out / "spec.json")])
         if orch.wait_for(trigger(step)):
             time.sleep(delay)
@@ -408,7 +411,7 @@ class Lab:
             assert run.finish() == 0, run.log[-3000:]
             self._dp2 = final_state(ref)
         out = self.fresh("one-rank", cluster=cluster)
-        step, delay = self.moment(False)
+        step, delay = self.moment(False, steps_left=4)
         step = max(step, 1)
         proc = worker(out / "spec.json", nproc=2)
         if proc.wait_for(trigger(step)):

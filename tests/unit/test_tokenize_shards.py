@@ -10,7 +10,7 @@ import pytest
 
 from stages.base import Artifact, RunContext, StageInput, write_part_record
 from stages.data import corpus
-from stages.data import tokenize_shards as ts
+from stages.data import indexed_files, tokenize_shards as ts
 from stages.data.prepare import write_parquet
 from stages.data.tokenize import TMP_DIR, Tokenize, TokenizeConfig, tokenize_sources
 from stages.data.tokenizer import TrainTokenizerConfig, train_tokenizer
@@ -118,7 +118,7 @@ def test_a_merge_that_fails_midway_leaves_nothing_at_the_final_prefix(stages, tm
     pieces = ts.plan_pieces([web], tmp_path / "tmp", pieces=3)
     tok = ts.load_tokenizer(inputs["tok"].path("tokenizer"))
     written = [ts.tokenize_piece(tok, p, one.extra["eod_id"], np.uint16) for p in pieces]
-    ts.remove(pieces[1].prefix, masked=False)   # the middle piece is gone: add_index fails on it
+    indexed_files.remove(pieces[1].prefix, masked=False)   # the middle piece is gone: add_index fails on it
     with pytest.raises(FileNotFoundError):
         ts.finish_output(web, pieces, written, tmp_path / "out", tmp_path / "tmp", np.uint16)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
