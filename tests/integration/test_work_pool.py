@@ -2,7 +2,10 @@
 the deployment lands on a process work pool with the store pinned as an absolute path, a run
 triggered through the API is picked up by `prefect worker start --run-once` started from another
 directory with another FORGE_STORE, and is an ordinary forge run (artifacts, run record, `forge
-runs`, the nested forge-pipeline flow). Plus the refusals: no server, a pool of another type."""
+runs`, the nested forge-pipeline flow). A run cancelled from Prefect (`prefect flow-run cancel`,
+what the UI's Cancel does) while its stage trains: the worker process's SIGTERM reaches the stage,
+which checkpoints and stops; the run is recorded cancelled. Plus the refusals: no server, a pool of
+another type."""
 from __future__ import annotations
 
 import asyncio
@@ -99,6 +102,64 @@ def test_deploy_to_a_work_pool_and_a_worker_runs_the_pipeline(prefect_server, tm
     resumed = forge("resume", record.stem, "--store", str(store), store=tmp_path / "unused").stdout
     assert f"store {store}," in resumed, resumed[-2000:]
     assert "nothing to resume: every stage of that run is complete" in resumed, resumed[-2000:]
+
+
+def _start_worker(pool: str, cwd, env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+         "--run-once"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True)
+
+
+def test_a_run_cancelled_from_prefect_checkpoints_its_stage_and_is_recorded_cancelled(
+        prefect_server, tmp_path):
+    import time
+
+    from prefect.deployments import run_deployment
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_server)
+    forge("run", *SMALL, "--only", "tokenize", store=store, env=env)
+    long = [*SMALL, "stages.pretrain-1.tokens=4096000", "stages.pretrain-1.checkpoint_interval=20"]
+    out = _cli("deploy", *long, "--only", "pretrain-1", "--interval", "86400", "--paused",
+               "--work-pool", "ci-cancel-pool", "--name", "cancelled", cwd=ROOT,
+               env=dict(env, FORGE_STORE=str(store)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    flow_run = run_deployment("forge-scheduled/cancelled", timeout=0)
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = _start_worker("ci-cancel-pool", tmp_path, dict(
+            env, PREFECT_HOME=str(tmp_path / "worker-home")), log)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(store.glob("pretrain-1-*/checkpoints/iter_*/done")):
+                assert worker.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "worker.log").read_text()[-4000:]
+                time.sleep(0.5)
+            cancel = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "cancel",
+                                     str(flow_run.id)], env=env, capture_output=True, text=True)
+            assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+            worker.wait(timeout=180)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+
+    async def state() -> str:
+        from prefect.client.orchestration import get_client
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state.name
+    assert asyncio.run(state()) == "Cancelled"
+    (out_dir,) = store.glob("pretrain-1-*")
+    assert not (out_dir / "artifact.json").exists()     # 2,000 steps: stopped long before the end
+    text = (out_dir / "worker.log").read_text()
+    assert "stopped by SIGTERM after step" in text, text[-3000:]
+    stopped = int(text.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert (out_dir / "checkpoints" / f"iter_{stopped:07d}" / "done").exists()
+    assert json.loads((out_dir / "failure.json").read_text())["exit_code"] == 143
+    (status,) = [p for p in store.glob("runs/*.status.json")
+                 if json.loads(p.read_text()).get("status") != "completed"]   # not tokenize's run
+    assert json.loads(status.read_text())["status"] == "cancelled"
+    live = subprocess.run(["pgrep", "-f", str(out_dir / "spec.json")], capture_output=True, text=True)
+    assert live.stdout == "", live.stdout                # no worker left training
 
 
 def test_deploy_to_a_pool_refuses_no_server_and_a_pool_of_another_type(prefect_server, tmp_path):
