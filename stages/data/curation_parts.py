@@ -15,9 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from stages.base import RunContext, StageInput, file_digest
+from stages.base import RunContext, StageInput
 from stages.data.chat_format import sample_digest
-from stages.layout import JUDGE_MODEL, judge_cache, part_dir
+from stages.layout import FAST_DIGEST, JUDGE_MODEL, fast_file_digest, judge_cache, part_dir
 
 
 
@@ -121,7 +121,8 @@ def _source_file(spec, name: str, raw: Path) -> dict:
         Path(f) for f in spec.data_files if "://" not in f and Path(f).is_file()]
     if len(files) != 1:
         return {"path": ",".join(str(f) for f in files) or str(spec.builder), "digest": ""}
-    return {"path": str(files[0].resolve()), "digest": file_digest(files[0])}
+    return {"path": str(files[0].resolve()), "digest": fast_file_digest(files[0]),
+            "digest_algo": FAST_DIGEST}
 
 
 def _export_judge(stage: str, inputs: dict[str, StageInput], out_dir: Path, ctx: RunContext) -> str:

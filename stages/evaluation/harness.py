@@ -124,9 +124,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 def task_datasets(out_dir: Path) -> list[dict]:
     """The local data files the tasks of ``out_dir``'s results read, as lineage records
-    ``{"name": "lm_eval/<task>", "split", "rows", "path", "digest"}`` (a task's ``data_files``:
+    ``{"name": "lm_eval/<task>", "split", "rows", "path", "digest", "digest_algo"}`` (a task's ``data_files``:
     a path, a list, or split -> path(s), relative to the task folder)."""
-    from stages.layout import file_digest
+    from stages.layout import FAST_DIGEST, fast_file_digest
     results = json.loads((Path(out_dir) / RESULTS_FILE).read_text())
     out = []
     for task, cfg in sorted(results.get("configs", {}).items()):
@@ -138,7 +138,8 @@ def task_datasets(out_dir: Path) -> list[dict]:
                 path = (task_dir() / path).resolve()
                 if path.is_file():
                     out.append({"name": f"lm_eval/{task}", "split": split, "rows": rows,
-                                "path": str(path), "digest": file_digest(path)})
+                                "path": str(path), "digest": fast_file_digest(path),
+                                "digest_algo": FAST_DIGEST})
     return out
 
 

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import StageInput, file_digest, read_artifact
+from stages.base import StageInput, read_artifact
 from stages.data.chat_format import render
+from stages.layout import FAST_DIGEST, fast_file_digest
 from tests.support.tiny_models import (MODEL, REPO, chat, curate_stage, run_worker,
                                        trained_chat_model)
 
@@ -155,9 +156,10 @@ def test_the_stage_reports_lm_eval_metrics_offline(run):
     assert not (out / "hf-export").exists() and not (out / "hf-datasets-cache").exists()
     assert "lm_eval/tiny_arith_mc/acc:" in run["log"]
     assert run["art"].extra["lm_eval_tasks"] == ["tiny_arith_mc", "tiny_arith_gen"]
-    digest = file_digest(DATA)  # lineage: the task data it read, with its digest
-    assert [(d["name"], d["split"], d["rows"], d["path"], d["digest"]) for d in run["art"].datasets] \
-        == [(f"lm_eval/{t}", "test", len(ROWS), str(DATA), digest)
+    digest = fast_file_digest(DATA)  # lineage: the task data it read, with its digest
+    assert [(d["name"], d["split"], d["rows"], d["path"], d["digest"], d["digest_algo"])
+            for d in run["art"].datasets] \
+        == [(f"lm_eval/{t}", "test", len(ROWS), str(DATA), digest, FAST_DIGEST)
             for t in ("tiny_arith_gen", "tiny_arith_mc")]
     config = EvaluateConfig(from_="pretrain", chat="curate",
                             lm_eval_tasks=("tiny_arith_mc", "tiny_arith_gen"))

@@ -70,7 +70,7 @@ def write_chats(path: Path, conversations: list[list[dict]]) -> None:
 
 def make_curate(root: Path, kept: int, heldout: int) -> Path:
     """A stand-in for a finished curate stage: kept.parquet, heldout.parquet, eval_prompts.jsonl."""
-    from stages.base import file_digest
+    from stages.layout import FAST_DIGEST, fast_file_digest
     out = root / "curate"
     out.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -80,7 +80,7 @@ def make_curate(root: Path, kept: int, heldout: int) -> Path:
     (out / "eval_prompts.jsonl").write_text(json.dumps(
         {"id": "p0", "prompt": "What is 60 plus 7?", "answer": "67"}) + "\n")
     datasets_ = [{"name": name, "split": split, "rows": n, "path": str(out / f"{name}.parquet"),
-                  "digest": file_digest(out / f"{name}.parquet")}
+                  "digest": fast_file_digest(out / f"{name}.parquet"), "digest_algo": FAST_DIGEST}
                  for name, split, n in (("kept", "train", kept), ("heldout", "heldout", heldout))]
     write_artifact(out, Artifact(
         kind="curate", stage="curate", key="cur0", datasets=datasets_,
