@@ -98,6 +98,31 @@ def loss_mask_prefix(prefix) -> str:
     return str(prefix) + LOSS_MASK_SUFFIX
 
 
+# A tokenized source of more documents than this is written as several prefixes (``<name>.00000``,
+# ``<name>.00001``, ...: rows in order, this many each but the last), blended in proportion to
+# their tokens: Megatron's builder holds ~87 bytes of Python list per document while it writes or
+# merges one prefix (2**27 documents: ~12 GB). A format constant: a source under it is one prefix.
+MAX_DOCUMENTS_PER_PREFIX = 1 << 27
+
+
+def split_prefix_names(name: str, rows: int, most: int | None = None) -> list[tuple[str, int, int]]:
+    """``(prefix name, first row, rows)`` for a tokenized output of ``rows`` documents: itself,
+    or consecutive ``most``-row prefixes ``<name>.00000``, ``<name>.00001``, ... when larger."""
+    most = most or MAX_DOCUMENTS_PER_PREFIX
+    if rows <= most:
+        return [(name, 0, rows)]
+    return [(f"{name}.{i:05d}", first, min(most, rows - first))
+            for i, first in enumerate(range(0, rows, most))]
+
+
+def output_prefixes(outputs: dict, name: str) -> list[str]:
+    """The output keys that hold tokenized output ``name`` (``tokens/web``), in row order: itself,
+    or its split prefixes (``split_prefix_names``); [] when there is none."""
+    if name in outputs:
+        return [name]
+    return sorted(k for k in outputs if re.fullmatch(re.escape(name) + r"\.\d{5}", k))
+
+
 FAST_DIGEST = "xxh3_128"   # checkpoint manifests and dataset digests: non-cryptographic, GB/s
 # The digests a checkpoint manifest may name, per file: xxh3_128 (written since issue 13) and
 # sha256 (older checkpoints, still in stores: read and verified, never written).

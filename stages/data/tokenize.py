@@ -24,6 +24,12 @@ bytes one process writes, so ``workers`` and ``shards`` are settings, never iden
   only the parts with no ``done.json``. ``parts(config)`` sees the config, not the cluster, so the
   fan-out is this setting rather than the launcher's choice; it changes no byte of the output.
 
+A source of more than ``stages.layout.MAX_DOCUMENTS_PER_PREFIX`` documents (2**27) becomes several
+prefixes, ``tokens/<name>.00000``, ``.00001``, ... (consecutive row ranges; ``output_prefixes``
+finds them), which the training mixture blends in proportion to their tokens: Megatron's builder
+keeps ~87 bytes per document in memory while it writes or merges one prefix. A held-out set that
+large is refused (it is a fraction of the source: lower it).
+
 Digests: xxh3-128 (``stages.layout.FAST_DIGEST``) of each ``.bin``, computed while the bytes are
 written or merged, recorded with ``digest_algo`` in the artifact's dataset entries.
 """
@@ -37,7 +43,7 @@ from typing import Any, Iterable
 
 from stages.base import Artifact, RunContext, StageGraph, StageInput, StageKind
 from stages.data.tokenizer import EOD, PAD, source_outputs
-from stages.layout import FAST_DIGEST, PART_DONE, part_dir, part_record
+from stages.layout import FAST_DIGEST, PART_DONE, part_dir, part_record, split_prefix_names
 from stages.schema import configclass, param, setting
 
 TMP_DIR = ".tokenize-tmp"   # this run's pieces and merges; cleared when a run starts and ends
@@ -91,7 +97,13 @@ def _setup(config: "TokenizeConfig", inputs: dict[str, StageInput]) -> tuple[Any
             if rows == 0:
                 print(f"[tokenize] {parent_out}: no documents, skipped", flush=True)
                 continue  # Megatron cannot open an empty .bin (mmap of an empty file)
-            outputs.append((split, name, Output(f"{folder}/{name}", str(parquet), rows)))
+            prefixes = split_prefix_names(f"{folder}/{name}", rows)
+            if split == "heldout" and len(prefixes) > 1:
+                raise ValueError(
+                    f"{parent_out}: {rows} held-out documents, more than one prefix holds "
+                    f"({prefixes[0][2]}); lower the prepare stage's validation_fraction")
+            outputs += [(split, name, Output(prefix, str(parquet), n, first))
+                        for prefix, first, n in prefixes]
     return tok_path, facts, outputs
 
 
@@ -129,8 +141,8 @@ def tokenize_sources(config: TokenizeConfig, inputs: dict[str, StageInput], out_
         datasets_.append({"name": name, "split": split, "rows": w.docs, "tokens": w.tokens,
                           "path": str((out_dir / f"{o.name}.bin").resolve()), "digest": w.digest,
                           "digest_algo": FAST_DIGEST})
-        if split == "train":
-            metrics[f"tokens/{name}"] = w.tokens
+        if split == "train":   # a source split into several prefixes: their sum
+            metrics[f"tokens/{name}"] = metrics.get(f"tokens/{name}", 0) + w.tokens
         print(f"[tokenize] {o.name}: {w.docs} documents, {w.tokens} tokens", flush=True)
     print(f"[tokenize] {len(outputs)} outputs, {sum(w.tokens for w in written.values())} tokens "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)

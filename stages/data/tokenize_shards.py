@@ -46,10 +46,12 @@ PRELOAD = ["numpy", "pyarrow.parquet", "tokenizers", "megatron.core.datasets.ind
 @dataclasses.dataclass(frozen=True)
 class Output:
     """One tokenized output of the stage: ``name`` (``tokens/web``) is its prefix under the stage
-    dir; ``parquet`` the prepared source it is made from, ``rows`` that file's row count."""
+    dir; it holds rows ``[first, first + rows)`` of ``parquet``, the prepared source (all of it,
+    unless the source is split into several prefixes: ``stages.layout.split_prefix_names``)."""
     name: str
     parquet: str
     rows: int
+    first: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,8 @@ def plan_pieces(outputs: Sequence[Output], folder: Path, part: int = 0, parts: i
     ``folder/pieces/``; each piece is named by its first row, so names sort in row order."""
     out = []
     for o in outputs:
-        for a, b in row_ranges(o.rows * part // parts, o.rows * (part + 1) // parts, 1):
+        for a, b in row_ranges(o.first + o.rows * part // parts,
+                               o.first + o.rows * (part + 1) // parts, 1):
             out += [Piece(o.name, o.parquet, s, e, str(Path(folder) / PIECES / o.name / f"{s:012d}"))
                     for s, e in row_ranges(a, b, pieces)]
     return out
@@ -263,10 +266,11 @@ def gather(outputs: Sequence[Output], records: Sequence[dict], out_dir: Path, tm
     todo = []
     for o in outputs:
         mine = sorted((r for r in listed if r["output"] == o.name), key=lambda r: r["start"])
-        ends = [0] + [r["stop"] for r in mine]
-        if [r["start"] for r in mine] != ends[:-1] or ends[-1] != o.rows:
+        ends = [o.first] + [r["stop"] for r in mine]
+        if [r["start"] for r in mine] != ends[:-1] or ends[-1] != o.first + o.rows:
             raise ValueError(f"{o.name}: the parts' pieces cover rows "
-                             f"{[(r['start'], r['stop']) for r in mine]}, not 0-{o.rows} in order; "
+                             f"{[(r['start'], r['stop']) for r in mine]}, not "
+                             f"{o.first}-{o.first + o.rows} in order; "
                              "rerun the stage with --rerun to tokenize it again")
         todo.append((o, [Piece(o.name, o.parquet, r["start"], r["stop"], str(out_dir / r["prefix"]))
                          for r in mine],

@@ -49,7 +49,7 @@ import torch.distributed as dist  # noqa: E402
 
 from stages.base import Artifact, DamagedInput, RunContext, StageInput  # noqa: E402
 from stages.schema import to_dict  # noqa: E402
-from stages.layout import rejected_name  # noqa: E402
+from stages.layout import output_prefixes, rejected_name  # noqa: E402
 from stages.training import checkpoint as ckpt  # noqa: E402
 from stages.training.model import build_model, causal_mask, padded_vocab_size  # noqa: E402
 from stages.training.preemption import Preempted, StopSignals  # noqa: E402
@@ -208,7 +208,8 @@ def phase_data(config, inputs: dict[str, StageInput], out_dir: Path, document_ma
         raise RuntimeError(f"the tokenizer's vocabulary ({extra['vocab_size']}) is larger than "
                            f"model.vocab_size ({config.run_model.vocab_size})")
     used = {s: w for s, w in config.mixture.items() if w > 0}
-    prefixes = {s: str(data.path(f"tokens/{s}")) for s in used}
+    prefixes = {s: [str(data.path(k)) for k in output_prefixes(data.artifact.outputs, f"tokens/{s}")]
+                for s in used}
     dataset = build_blended_dataset(prefixes, used, config.seq_length,
                                     config.steps * config.global_batch_size, config.seed,
                                     int(extra["eod_id"]), out_dir / "data_cache",

@@ -145,12 +145,37 @@ def _gpt_config(blend, seq_length: int, seed: int, eod_id: int, path: Path,
     )
 
 
-def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], seq_length: int,
+def prefix_tokens(prefix: str) -> int:
+    """Tokens in the indexed dataset at ``prefix`` (from its ``.idx``, memory-mapped)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    dataset = IndexedDataset(str(prefix), mmap=True)   # held: its lengths live in its mmap
+    return int(dataset.sequence_lengths.sum(dtype=np.int64))
+
+
+def blend_parts(prefixes: dict[str, str | list[str]], weights: dict[str, float],
+                used: list[str]) -> list[tuple[str, str, float]]:
+    """``(source, absolute prefix, normalised weight)`` for each prefix of the ``used`` sources: a
+    source's weight, shared among its prefixes (a source split at ``MAX_DOCUMENTS_PER_PREFIX``)
+    in proportion to their tokens, so the split blends as the one dataset would."""
+    total = float(sum(weights[s] for s in used))
+    out = []
+    for s in used:
+        paths = [prefixes[s]] if isinstance(prefixes[s], str) else list(prefixes[s])
+        if not paths:
+            raise KeyError(f"mixture source {s!r}: its data stage has no tokens for it")
+        paths = [str(Path(p).resolve()) for p in paths]
+        tokens = [prefix_tokens(p) for p in paths] if len(paths) > 1 else [1]
+        out += [(s, p, weights[s] / total * t / sum(tokens)) for p, t in zip(paths, tokens)]
+    return out
+
+
+def build_blended_dataset(prefixes: dict[str, str | list[str]], weights: dict[str, float], seq_length: int,
                           num_samples: int, seed: int, eod_id: int, cache_dir: Path,
                           document_mask: bool = False, loss_weights: dict[str, float] | None = None):
     """A dataset of ``num_samples`` samples (dicts with "tokens", "labels", "loss_mask", ...).
 
-    ``prefixes``: source -> indexed-dataset prefix (path without .bin/.idx); ``weights``: source ->
+    ``prefixes``: source -> indexed-dataset prefix (path without .bin/.idx), or its prefixes in row
+    order when it is split (``blend_parts``); ``weights``: source ->
     weight (normalised here; 0 drops the source); ``loss_weights``: source -> multiplier of its
     loss mask (default 1). Collective under torch.distributed.
     """
@@ -164,9 +189,8 @@ def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], s
         raise ValueError("mixture: every weight is zero")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    paths = [str(Path(prefixes[s]).resolve()) for s in used]
-    total = float(sum(weights[s] for s in used))
-    norm = [weights[s] / total for s in used]
+    parts = blend_parts(prefixes, weights, used)
+    paths, norm = [p for _, p, _ in parts], [w for _, _, w in parts]
     description = {"what": "blend", "prefixes": paths, "weights": norm, "seq_length": seq_length,
                    "num_samples": num_samples, "seed": seed, "eod": eod_id}
 
@@ -179,7 +203,7 @@ def build_blended_dataset(prefixes: dict[str, str], weights: dict[str, float], s
     dataset = _build_once(cache_dir, description, build)
     if len(dataset) < num_samples:
         raise RuntimeError(f"blend has {len(dataset)} samples, {num_samples} were asked for")
-    set_loss_weights(dataset, {p: (loss_weights or {}).get(s, 1.0) for p, s in zip(paths, used)})
+    set_loss_weights(dataset, {p: (loss_weights or {}).get(s, 1.0) for s, p, _ in parts})
     return dataset
 
 

@@ -180,6 +180,37 @@ def test_world_size_two_follows_the_single_process_run(phase_a, data, layout):
 
 
 # ------------------------------------------------------------------ in-process parts
+def test_a_phase_trains_on_a_source_split_into_prefixes(data, tmp_path):
+    """A data stage whose web source came as two prefixes (a source over
+    stages.layout.MAX_DOCUMENTS_PER_PREFIX): the phase blends both, web's weight shared by their
+    tokens, and trains."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from stages.training.mixture import write_indexed_dataset
+    split = tmp_path / "tokenize"
+    shutil.copytree(data, split)
+    web = IndexedDataset(str(data / "tokens" / "web"))
+    docs = [web[i].tolist() for i in range(len(web))]
+    outputs = dict(read_artifact(data).outputs)
+    del outputs["tokens/web"]
+    for i, rows in enumerate((docs[:200], docs[200:])):
+        write_indexed_dataset(split / "tokens" / f"web.{i:05d}", rows)
+        outputs[f"tokens/web.{i:05d}"] = f"tokens/web.{i:05d}"
+    for f in ("web.bin", "web.idx"):
+        (split / "tokens" / f).unlink()
+    write_artifact(split, dataclasses.replace(read_artifact(data), outputs=outputs))
+    out = tmp_path / "pretrain-split"
+    run_worker(write_spec(out, "pretrain-split", dict(CONFIG_A, tokens=10 * GBS * SEQ,
+                                                      checkpoint_interval=0), {"tokenize": split}))
+    assert read_artifact(out).metrics["steps"] == 10
+    (blend,) = [json.loads(p.read_text()) for p in (out / "data_cache").glob("*/description.json")
+                if json.loads(p.read_text())["what"] == "blend"]
+    assert [Path(p).name for p in blend["prefixes"]] == ["code", "web.00000", "web.00001"]
+    tokens = [sum(len(d) for d in part) for part in (docs[:200], docs[200:])]
+    assert blend["weights"] == pytest.approx([0.5, 0.5 * tokens[0] / sum(tokens),
+                                              0.5 * tokens[1] / sum(tokens)])
+
+
 def test_blend_is_deterministic_weighted_and_drops_zero_weights(data, tmp_path):
     from stages.training.mixture import build_blended_dataset
     prefixes = {s: str(data / "tokens" / s) for s in ("web", "code")}

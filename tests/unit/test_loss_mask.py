@@ -120,6 +120,35 @@ def test_samples_take_the_loss_mask_and_the_source_weight(tmp_path):
     assert set(held[0]["loss_mask"].tolist()) <= {0.0, 1.0}  # held-out: mask, no weight
 
 
+def test_a_split_source_blends_as_one_in_proportion_to_its_prefixes_tokens(tmp_path):
+    """A source tokenized into two prefixes (stages.layout.split_prefix_names) keeps its mixture
+    weight, shared between the prefixes by their tokens, and its loss weight on both."""
+    from stages.training.mixture import blend_parts
+    eod = 0
+    rng = np.random.default_rng(1)
+    qa = [(list(rng.integers(2, 50, 5)) + [100, 101, eod], [0] * 5 + [1] * 3) for _ in range(90)]
+    for prefix, rows in (("qa.00000", qa[:60]), ("qa.00001", qa[60:])):
+        write_indexed_dataset(tmp_path / prefix, [d for d, _ in rows])
+        write_indexed_dataset(loss_mask_prefix(tmp_path / prefix), [m for _, m in rows], dtype=np.uint8)
+    write_indexed_dataset(tmp_path / "plain", [list(rng.integers(2, 50, 20)) + [eod] for _ in range(90)])
+    prefixes = {"qa": [str(tmp_path / "qa.00000"), str(tmp_path / "qa.00001")],
+                "plain": str(tmp_path / "plain")}
+    parts = blend_parts(prefixes, {"qa": 3.0, "plain": 1.0}, ["plain", "qa"])
+    assert [(s, p.rsplit("/", 1)[1]) for s, p, _ in parts] == [
+        ("plain", "plain"), ("qa", "qa.00000"), ("qa", "qa.00001")]
+    assert [w for _, _, w in parts] == pytest.approx([0.25, 0.75 * 60 / 90, 0.75 * 30 / 90])
+    ds = build_blended_dataset(prefixes, {"qa": 3.0, "plain": 1.0}, 16, 200, 7, eod, tmp_path / "c",
+                               loss_weights={"qa": 2.0})
+    seen = [0, 0, 0]
+    for i in range(200):
+        source = int(ds[i]["dataset_id"])
+        seen[source] += 1
+        _, labels, loss_mask, _ = batch(ds, [i])
+        assert set(loss_mask.flatten().tolist()) <= ({1.0} if source == 0 else {0.0, 2.0}), source
+    assert seen[0] == pytest.approx(50, abs=3) and seen[1] == pytest.approx(100, abs=3)
+    assert seen[2] == pytest.approx(50, abs=3)
+
+
 PHASE = {"data": "tokenize", "tokens": 4096, "seq_length": 32, "global_batch_size": 4,
          "schedule": {"kind": "constant", "lr": 1e-3},
          "model": {"name": "t", "hidden_size": 8, "num_layers": 1, "num_attention_heads": 2,

@@ -143,3 +143,55 @@ def test_workers_default_to_the_cores_the_launcher_gives():
     assert workers_for(config(), ctx("t")) == 1
     assert workers_for(config(), ctx("t", ParallelSpec(threads_per_worker=4))) == 4
     assert workers_for(config(workers=3), ctx("t", ParallelSpec(threads_per_worker=4))) == 3
+
+
+def documents(prefix: Path) -> list[list[int]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_a_source_over_the_prefix_limit_is_split_into_consecutive_prefixes(stages, tmp_path,
+                                                                          monkeypatch):
+    """With the limit at 25 documents: web (63 train rows) becomes 3 prefixes, recall (45) 2, tiny
+    (2) stays one; their documents and loss masks, in prefix order, are the unsplit output's, by
+    any number of processes or parts; the sources' token counts are unchanged."""
+    from stages.layout import loss_mask_prefix, output_prefixes
+    inputs, root, one = stages
+    monkeypatch.setattr("stages.layout.MAX_DOCUMENTS_PER_PREFIX", 25)
+    runs = {"w2": tokenize_sources(config(workers=2), inputs, tmp_path / "w2", ctx("tokenize"))}
+    cfg = config(shards=2, workers=2)
+    for part in Tokenize.parts(cfg):
+        write_part_record(tmp_path / "s2", part, Tokenize.run_part(cfg, inputs, tmp_path / "s2",
+                                                                   ctx("tokenize"), part))
+    runs["s2"] = Tokenize.run(cfg, inputs, tmp_path / "s2", ctx("tokenize"))
+    assert dataset_files(tmp_path / "w2") == dataset_files(tmp_path / "s2")
+    art = runs["w2"]
+    assert output_prefixes(art.outputs, "tokens/web") == [f"tokens/web.0000{i}" for i in range(3)]
+    assert output_prefixes(art.outputs, "tokens/recall") == ["tokens/recall.00000", "tokens/recall.00001"]
+    assert output_prefixes(art.outputs, "tokens/tiny") == ["tokens/tiny"]
+    assert "tokens/web" not in art.outputs and "heldout/web" in art.outputs
+    for source, masked in (("web", False), ("recall", True)):
+        split = output_prefixes(art.outputs, f"tokens/{source}")
+        assert [len(documents(tmp_path / "w2" / p)) for p in split][:-1] == [25] * (len(split) - 1)
+        assert sum((documents(tmp_path / "w2" / p) for p in split), []) == \
+            documents(root / "one" / f"tokens/{source}")
+        if masked:
+            assert sum((documents(loss_mask_prefix(tmp_path / "w2" / p)) for p in split), []) == \
+                documents(loss_mask_prefix(root / "one" / f"tokens/{source}"))
+        entries = [d for d in art.datasets if d["name"] == source and d["split"] == "train"]
+        assert [d["path"] for d in entries] == [str((tmp_path / "w2" / f"{p}.bin").resolve())
+                                                for p in split]
+        assert sum(d["tokens"] for d in entries) == one.metrics[f"tokens/{source}"]
+    assert art.metrics == one.metrics
+
+
+def test_a_held_out_set_over_the_prefix_limit_is_refused_before_anything_is_written(
+        stages, tmp_path, monkeypatch):
+    inputs, _, _ = stages
+    monkeypatch.setattr("stages.layout.MAX_DOCUMENTS_PER_PREFIX", 6)   # heldout/web has 7 rows
+    with pytest.raises(ValueError, match=r"heldout/web: 7 held-out documents, more than one "
+                                         r"prefix holds \(6\); lower the prepare stage's "
+                                         r"validation_fraction"):
+        tokenize_sources(config(workers=1), inputs, tmp_path / "out", ctx("tokenize"))
+    assert not (tmp_path / "out" / "tokens").exists()
