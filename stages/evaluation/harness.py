@@ -124,8 +124,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 def task_datasets(out_dir: Path) -> list[dict]:
     """The local data files the tasks of ``out_dir``'s results read, as lineage records
-    ``{"name": "lm_eval/<task>", "split", "rows", "path", "digest", "digest_algo"}`` (a task's ``data_files``:
-    a path, a list, or split -> path(s), relative to the task folder)."""
+    ``{"name": "lm_eval/<task>", "split", "rows", "path", "digest", "digest_algo"}`` (a task's
+    ``data_files``: a path, a list, or split -> path(s), relative to the task folder)."""
     from stages.layout import FAST_DIGEST, fast_file_digest
     results = json.loads((Path(out_dir) / RESULTS_FILE).read_text())
     out = []

@@ -169,8 +169,8 @@ def blend_parts(prefixes: dict[str, str | list[str]], weights: dict[str, float],
     return out
 
 
-def build_blended_dataset(prefixes: dict[str, str | list[str]], weights: dict[str, float], seq_length: int,
-                          num_samples: int, seed: int, eod_id: int, cache_dir: Path,
+def build_blended_dataset(prefixes: dict[str, str | list[str]], weights: dict[str, float],
+                          seq_length: int, num_samples: int, seed: int, eod_id: int, cache_dir: Path,
                           document_mask: bool = False, loss_weights: dict[str, float] | None = None):
     """A dataset of ``num_samples`` samples (dicts with "tokens", "labels", "loss_mask", ...).
 
